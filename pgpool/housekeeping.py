@@ -1,0 +1,65 @@
+"""The housekeeper: a background thread per pool for what must happen even when nobody calls it.
+
+Idle eviction, ``max_lifetime``, the ``minconn`` refill and leak reports happen here, not only when
+``putconn`` is called (the reference pool's documented weakness). The thread is a daemon, starts at the
+first ``getconn``, holds the pool only weakly (a forgotten pool can still be garbage collected) and
+stops on ``close()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .pool import ConnectionPool
+
+logger = logging.getLogger("pgpool")
+
+_JOIN_TIMEOUT = 5.0
+
+
+class Housekeeper:
+    """Runs ``pool._housekeep()`` periodically in a daemon thread."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = weakref.ref(pool)
+        self._name = pool.name
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def ensure_running(self) -> None:
+        if self._thread is not None or self._stop.is_set():
+            return
+        with self._start_lock:
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(
+                    target=_run, args=(self._pool, self._stop), name=f"{self._name}-housekeeper", daemon=True
+                )
+                self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(_JOIN_TIMEOUT)
+
+
+def _run(pool_ref: weakref.ref[ConnectionPool], stop: threading.Event) -> None:
+    delay = 0.0
+    while not stop.wait(delay):
+        pool = pool_ref()
+        if pool is None:
+            return
+        try:
+            next_delay = pool._housekeep()
+        except Exception:
+            logger.exception("pool %r: housekeeping failed", pool.name)
+            next_delay = 1.0
+        del pool  # do not keep the pool alive while sleeping
+        if next_delay is None:
+            return
+        delay = next_delay

@@ -1,0 +1,834 @@
+"""The pool core: `ConnectionPool` and `ThreadSafeConnectionPool`.
+
+A port of the ``psycopg2_pool`` module's behaviour (LIFO idle list, ``idle_timeout``, ``minconn`` refill,
+rollback on return) with its defects fixed, plus what production use needs: waiting with a timeout,
+connects outside the lock, health checks, lifetime limits, hooks, stats, logging and fork safety.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import threading
+import time
+import traceback
+import weakref
+from collections import deque
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+
+from . import borrow
+from ._secrets import find_secrets, redact
+from .errors import PoolClosed, PoolError, PoolTimeout
+from .health import check_connection, socket_has_data
+from .housekeeping import Housekeeper
+
+__all__ = ["ConnectionPool", "ThreadSafeConnectionPool"]
+
+Connection = psycopg2.extensions.connection
+Hook = Callable[[Connection], Any]
+
+logger = logging.getLogger("pgpool")
+
+_STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+_STATUS_ACTIVE = psycopg2.extensions.TRANSACTION_STATUS_ACTIVE
+_STATUS_UNKNOWN = psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN
+_STATUS_NAMES = {
+    psycopg2.extensions.TRANSACTION_STATUS_IDLE: "IDLE",
+    psycopg2.extensions.TRANSACTION_STATUS_ACTIVE: "ACTIVE",
+    psycopg2.extensions.TRANSACTION_STATUS_INTRANS: "INTRANS",
+    psycopg2.extensions.TRANSACTION_STATUS_INERROR: "INERROR",
+    psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN: "UNKNOWN",
+}
+_names = itertools.count(1)
+_LIFETIME_JITTER = 0.05  # up to 5% earlier, so a pool's connections do not all expire together
+_WAIT_SLICE = 0.5  # a waiter re-checks for slots freed by garbage-collected leaks this often
+_all_pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
+
+_STAT_COUNTERS = (
+    "checkouts",
+    "connections_opened",
+    "connections_closed",
+    "connect_errors",
+    "timeouts",
+    "broken_discarded",
+    "wait_ms_total",
+)
+
+
+class _ConnInfo:
+    """What the pool remembers about one of its connections."""
+
+    __slots__ = ("autocommit", "borrowed_at", "deferrable", "expires", "isolation_level", "readonly", "stack")
+
+    def __init__(self, conn: Connection, expires: float | None) -> None:
+        self.expires = expires  # monotonic time after which it is retired (max_lifetime)
+        # The session characteristics restored on every return.
+        self.autocommit = conn.autocommit
+        self.isolation_level = conn.isolation_level
+        self.readonly = conn.readonly
+        self.deferrable = conn.deferrable
+        self.borrowed_at = 0.0  # monotonic time of the current borrow (leak detection)
+        self.stack: list[str] | None = None  # where it was borrowed, when leak_timeout is set
+
+    def settings_changed(self, conn: Connection) -> bool:
+        return (
+            conn.autocommit != self.autocommit
+            or conn.isolation_level != self.isolation_level
+            or conn.readonly != self.readonly
+            or conn.deferrable != self.deferrable
+        )
+
+    def restore_settings(self, conn: Connection) -> None:
+        conn.autocommit = self.autocommit
+        conn.isolation_level = self.isolation_level
+        conn.readonly = self.readonly
+        conn.deferrable = self.deferrable
+
+
+class _Waiter:
+    """A thread queued in `getconn`; whoever serves it sets exactly one of its outcomes."""
+
+    __slots__ = ("conn", "error", "event", "may_connect")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.conn: Connection | None = None  # a connection handed over, already counted in use
+        self.may_connect = False  # a slot reserved for it: it opens its own connection
+        self.error: PoolError | None = None
+
+    def served(self) -> bool:
+        return self.conn is not None or self.may_connect or self.error is not None
+
+
+def _check_hook(name: str, hook: object) -> None:
+    if hook is not None and not callable(hook):
+        raise TypeError(f"{name} must be a callable taking a connection, got {hook!r}")
+
+
+class ConnectionPool:
+    """A pool of psycopg2 connections, for one thread.
+
+    `getconn` lends a connection and `putconn` takes it back: after `getconn` you must call `putconn`,
+    or better, borrow with ``with pool.connection() as conn:`` which cannot forget. Connections are
+    opened on demand up to `maxconn`; `minconn` of them are opened at construction and kept open.
+
+    Attributes, as in ``psycopg2_pool``:
+
+    - `minconn`, `maxconn`, `idle_timeout`, `connect_kwargs`: the construction arguments;
+    - `idle_connections`: a deque of the idle connections, the most recently returned on the right
+      (lent first: last in, first out);
+    - `connections_in_use`: a weak set of the connections lent and not yet returned; a leaked
+      connection that is garbage collected frees its slot;
+    - `return_times`: idle connection -> ``time.monotonic()`` of its return.
+
+    Read them, do not change them: they are the pool's state.
+
+    This class refuses ``timeout > 0``: with one thread, nobody could return a connection while
+    `getconn` waits. Use `ThreadSafeConnectionPool` from several threads.
+    """
+
+    _can_wait = False
+
+    def __init__(
+        self,
+        minconn: int = 1,
+        maxconn: float = float("inf"),
+        idle_timeout: float = 600,
+        *,
+        name: str | None = None,
+        timeout: float = 0.0,
+        check: Hook | None = None,
+        configure: Hook | None = None,
+        reset: Hook | None = None,
+        max_lifetime: float | None = None,
+        leak_timeout: float | None = None,
+        **connect_kwargs: Any,
+    ) -> None:
+        self.name = str(name) if name is not None else f"pgpool-{next(_names)}"
+        self._validate(minconn, maxconn, idle_timeout, timeout, max_lifetime, leak_timeout)
+        for hook_name, hook in (("check", check), ("configure", configure), ("reset", reset)):
+            _check_hook(hook_name, hook)
+        self.minconn = minconn
+        self.maxconn = maxconn
+        self.idle_timeout = idle_timeout
+        self.timeout = float(timeout)
+        self.check = check
+        self.configure = configure
+        self.reset = reset
+        self.max_lifetime = max_lifetime
+        self.leak_timeout = leak_timeout
+        connect_kwargs.setdefault("dsn", "")
+        self.connect_kwargs = connect_kwargs
+        self._secrets = find_secrets(connect_kwargs)
+
+        # State is only mutated under self._lock, even in the single-threaded pool: the housekeeping
+        # thread changes it too. Slow work (connect, close, queries) happens after releasing it.
+        self._lock = threading.Lock()
+        self.idle_connections: deque[Connection] = deque()  # ready to lend, newest on the right
+        self.return_times: dict[Connection, float] = {}  # idle connection -> when it became idle
+        self.connections_in_use: weakref.WeakSet[Connection] = weakref.WeakSet()  # lent out
+        self._returning: set[Connection] = set()  # given back, being cleaned up outside the lock
+        self._pending = 0  # slots reserved for connections being opened
+        self._waiters: deque[_Waiter] = deque()  # threads queued in getconn, oldest on the left
+        self._info: weakref.WeakKeyDictionary[Connection, _ConnInfo] = weakref.WeakKeyDictionary()
+        self._closed = False
+        self._stats = dict.fromkeys(_STAT_COUNTERS, 0)
+        self._housekeeper = Housekeeper(self)
+        self._borrow = borrow.new_borrow_var(self.name)
+        _all_pools.add(self)
+
+        try:
+            for _ in range(minconn):
+                conn = self._open_connection()
+                with self._lock:
+                    self._make_idle_locked(conn, time.monotonic())
+        except BaseException:
+            self.close()
+            raise
+
+    def _validate(
+        self,
+        minconn: int,
+        maxconn: float,
+        idle_timeout: float,
+        timeout: float,
+        max_lifetime: float | None,
+        leak_timeout: float | None,
+    ) -> None:
+        where = f"(pool {self.name!r})"
+        if not isinstance(minconn, int) or minconn < 0:
+            raise ValueError(f"minconn must be an integer >= 0, got {minconn!r} {where}")
+        if not isinstance(maxconn, (int, float)) or not maxconn >= 1:
+            raise ValueError(f"maxconn must be >= 1, got {maxconn!r} {where}")
+        if maxconn < minconn:
+            raise ValueError(f"maxconn must be >= minconn (got minconn={minconn}, maxconn={maxconn}) {where}")
+        if not isinstance(idle_timeout, (int, float)) or idle_timeout < 0:
+            raise ValueError(f"idle_timeout must be a number of seconds >= 0, got {idle_timeout!r} {where}")
+        if not isinstance(timeout, (int, float)) or not timeout >= 0:
+            raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r} {where}")
+        if timeout > 0 and not self._can_wait:
+            raise ValueError(
+                f"timeout must be 0 for a {type(self).__name__}: in one thread nobody can return a "
+                f"connection while getconn waits; use ThreadSafeConnectionPool {where}"
+            )
+        for label, value in (("max_lifetime", max_lifetime), ("leak_timeout", leak_timeout)):
+            if value is not None and (not isinstance(value, (int, float)) or not value > 0):
+                raise ValueError(f"{label} must be None or a number of seconds > 0, got {value!r} {where}")
+
+    # -- lending -------------------------------------------------------------------------------
+
+    def getconn(self, timeout: float | None = None) -> Connection:
+        """Lend a connection; give it back with `putconn` when done.
+
+        Takes the most recently returned idle connection, skipping (and closing) any that is not idle
+        on the server, has been idle longer than `idle_timeout`, outlived `max_lifetime`, was closed
+        by the server, or fails the `check` hook. Opens a new connection when none is idle, unless
+        `maxconn` are already open: then waits up to `timeout` seconds (the pool's `timeout` when not
+        given) for one to come back, and raises `PoolTimeout`; with no timeout, raises `PoolError`
+        at once. A connect error reaches the caller, unless a timeout allows retrying it.
+        """
+        wait = self._resolve_timeout(timeout)
+        deadline = time.monotonic() + wait if wait > 0 else 0.0
+        attempt = 0
+        last_error: Exception | None = None
+        while True:
+            to_close: list[Connection] = []
+            waiter: _Waiter | None = None
+            reserved = False
+            exhausted = ""
+            with self._lock:
+                self._check_open_locked()
+                conn = self._pop_idle_locked(to_close)
+                if conn is None:
+                    if not self._waiters and self._total_locked() < self.maxconn:
+                        self._pending += 1
+                        reserved = True
+                    elif wait > 0:
+                        waiter = _Waiter()
+                        self._waiters.append(waiter)
+                    else:
+                        exhausted = self._exhausted_message_locked()
+            self._close_connections(to_close, "idle too long, expired or not idle")
+            self._housekeeper.ensure_running()
+            if conn is None and waiter is None and not reserved:
+                raise PoolError(exhausted)
+            if waiter is not None:
+                conn = self._wait(waiter, deadline, wait, last_error)
+                reserved = conn is None
+            if conn is not None:
+                if self._lendable(conn):
+                    return conn
+                continue
+            try:
+                conn = self._open_connection()
+            except Exception as exc:
+                self._release_slot()
+                if wait <= 0:
+                    raise
+                last_error = exc
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._count_timeout()
+                    raise PoolTimeout(self._timeout_message(wait, exc)) from exc
+                # Exponential backoff with jitter, so that many threads do not hammer a server that
+                # is coming back up.
+                time.sleep(min(remaining, random.uniform(0.5, 1.0) * min(2.0, 0.05 * 2**attempt)))
+                attempt += 1
+                continue
+            with self._lock:
+                self._pending -= 1
+                if not self._closed:
+                    self._lend_locked(conn)
+                    return conn
+            self._close_connections([conn], "pool closed while connecting")
+            raise PoolClosed(f"pool {self.name!r} is closed")
+
+    def _resolve_timeout(self, timeout: float | None) -> float:
+        if timeout is None:
+            return self.timeout
+        if not isinstance(timeout, (int, float)) or not timeout >= 0:
+            raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r} (pool {self.name!r})")
+        if timeout > 0 and not self._can_wait:
+            raise ValueError(
+                f"timeout must be 0 for a {type(self).__name__} (pool {self.name!r}): in one thread "
+                "nobody can return a connection while getconn waits"
+            )
+        return float(timeout)
+
+    def _pop_idle_locked(self, to_close: list[Connection]) -> Connection | None:
+        """Take the newest idle connection fit to lend; move unfit ones to `to_close`."""
+        now = time.monotonic()
+        while self.idle_connections:
+            conn = self.idle_connections.pop()
+            returned = self.return_times.pop(conn, 0.0)
+            info = self._info.get(conn)
+            if (
+                info is None
+                or conn.closed
+                or conn.info.transaction_status != _STATUS_IDLE
+                or (self.idle_timeout and now - returned > self.idle_timeout)
+                or (info.expires is not None and now >= info.expires)
+            ):
+                to_close.append(conn)
+                continue
+            self._lend_locked(conn, info)
+            return conn
+        return None
+
+    def _lend_locked(self, conn: Connection, info: _ConnInfo | None = None) -> None:
+        self.connections_in_use.add(conn)
+        self._stats["checkouts"] += 1
+        if self.leak_timeout is not None:
+            info = info or self._info[conn]
+            info.borrowed_at = time.monotonic()
+            info.stack = traceback.format_stack()[:-3]
+
+    def _lendable(self, conn: Connection) -> bool:
+        """Run the health checks that need no lock on a connection just taken; discard it if it fails."""
+        if socket_has_data(conn):
+            # The server closed it or sent a notification: only a real round trip tells which.
+            try:
+                check_connection(conn)
+            except Exception as exc:
+                self._discard(conn, f"closed by the server ({self._redact(str(exc).strip())})")
+                return False
+        if self.check is not None:
+            try:
+                self.check(conn)
+                if conn.info.transaction_status != _STATUS_IDLE:
+                    conn.rollback()
+            except Exception as exc:
+                self._discard(conn, f"check failed ({self._redact(str(exc).strip())})")
+                return False
+        return True
+
+    def _wait(self, waiter: _Waiter, deadline: float, wait: float, last_error: Exception | None) -> Connection | None:
+        """Wait in line; return a connection handed over, or None when a slot was reserved for us."""
+        started = time.monotonic()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining > 0:
+                waiter.event.wait(min(remaining, _WAIT_SLICE))
+            with self._lock:
+                if not waiter.served():
+                    if remaining > 0:
+                        # A leaked connection may have been garbage collected, freeing its slot.
+                        self._grant_free_slots_locked()
+                    else:
+                        self._waiters.remove(waiter)
+                        self._stats["timeouts"] += 1
+                self._stats["wait_ms_total"] += int((time.monotonic() - started) * 1000)
+                # Whatever the clock says, a waiter that was served keeps what it was given.
+                if waiter.served():
+                    if waiter.error is not None:
+                        raise waiter.error
+                    return waiter.conn
+            if remaining <= 0:
+                break
+        msg = self._timeout_message(wait, last_error)
+        logger.warning("%s", msg)
+        if last_error is not None:
+            raise PoolTimeout(msg) from last_error
+        raise PoolTimeout(msg)
+
+    def _timeout_message(self, wait: float, error: Exception | None) -> str:
+        with self._lock:
+            in_use = len(self.connections_in_use) + len(self._returning)
+        msg = (
+            f"couldn't get a connection from pool {self.name!r} after {wait:.2f} sec "
+            f"(maxconn={self.maxconn}, {in_use} in use)"
+        )
+        if error is not None:
+            msg += f"; last connect error: {self._redact(str(error).strip())}"
+        return msg
+
+    def _exhausted_message_locked(self) -> str:
+        return (
+            f"connection pool exhausted: pool {self.name!r} has all maxconn={self.maxconn} connections "
+            f"in use ({len(self.connections_in_use)} lent, {self._pending} opening)"
+        )
+
+    def _count_timeout(self) -> None:
+        with self._lock:
+            self._stats["timeouts"] += 1
+
+    # -- returning -----------------------------------------------------------------------------
+
+    def putconn(self, conn: Connection, close: bool = False) -> None:
+        """Take back a connection lent by `getconn`; with ``close=True`` it is closed, not kept.
+
+        Whatever the borrower left uncommitted is rolled back, and the connection's autocommit,
+        isolation level, readonly and deferrable settings are restored; then the `reset` hook runs.
+        A broken connection, or one whose cleanup fails, is discarded: `putconn` never raises
+        because of the connection's state. It raises `PoolError` for a connection this pool did not
+        lend or that was already returned, and then changes nothing.
+        """
+        if not isinstance(conn, Connection):
+            raise PoolError(
+                f"pool {self.name!r} can only take back a psycopg2 connection it lent, got {type(conn).__name__}"
+            )
+        to_close: list[tuple[Connection, str]] = []
+        with self._lock:
+            self._check_lent_locked(conn)
+            self.connections_in_use.discard(conn)
+            reason = self._return_reason(conn, close)
+            slow = reason is not None or self._needs_cleanup(conn)
+            if slow:
+                self._returning.add(conn)  # still counted, and a second putconn is refused
+            else:
+                refill = self._settle_locked(conn, None, to_close)  # clean: done in one go
+        if slow:
+            # Cleanup is network I/O (rollback, reset): outside the lock.
+            if reason is None:
+                reason = self._clean(conn)
+            with self._lock:
+                self._returning.discard(conn)
+                refill = self._settle_locked(conn, reason, to_close)
+        for old, why in to_close:
+            self._close_connections([old], why)
+        self._refill(refill)
+
+    def _check_lent_locked(self, conn: Connection) -> None:
+        if conn in self.connections_in_use:
+            return
+        if conn in self.return_times or conn in self._returning:
+            raise PoolError(f"connection already returned to pool {self.name!r}: putconn called twice")
+        raise PoolError(f"connection not lent by pool {self.name!r}: putconn refused a foreign connection")
+
+    def _needs_cleanup(self, conn: Connection) -> bool:
+        return (
+            self.reset is not None
+            or conn.info.transaction_status != _STATUS_IDLE
+            or self._info[conn].settings_changed(conn)
+        )
+
+    def _return_reason(self, conn: Connection, close: bool) -> str | None:
+        """Tell why a returned connection cannot be kept, before any cleanup (None: it may be)."""
+        if close:
+            return "closed on request"
+        if conn.closed:
+            return "returned closed"
+        status = conn.info.transaction_status
+        if status == _STATUS_IDLE:
+            return None
+        if status == _STATUS_UNKNOWN:
+            return "broken"
+        if status == _STATUS_ACTIVE:
+            return "returned with a command in progress (ACTIVE)"
+        return None  # in a transaction: rolled back by _clean
+
+    def _clean(self, conn: Connection) -> str | None:
+        """Roll back, restore the settings, run the reset hook; say why it failed, if it did."""
+        try:
+            if conn.info.transaction_status != _STATUS_IDLE:
+                conn.rollback()
+            self._info[conn].restore_settings(conn)
+            if self.reset is not None:
+                self.reset(conn)
+                if conn.info.transaction_status != _STATUS_IDLE:
+                    conn.rollback()
+        except Exception as exc:
+            return f"cleanup failed ({self._redact(str(exc).strip())})"
+        return None
+
+    def _settle_locked(self, conn: Connection, reason: str | None, to_close: list[tuple[Connection, str]]) -> int:
+        """Keep or drop a returned connection, evict stale idle ones; return how many to open."""
+        now = time.monotonic()
+        info = self._info.get(conn)
+        if reason is None:
+            if self._closed:
+                reason = "pool closed"
+            elif self.idle_timeout == 0 and len(self.idle_connections) >= self.minconn:
+                reason = "idle_timeout is 0 and minconn are idle"
+            elif info is not None and info.expires is not None and now >= info.expires:
+                reason = "max_lifetime reached"
+        if reason is None:
+            self._give_locked(conn, now)
+        else:
+            if reason in ("broken", "returned closed") or reason.startswith("cleanup failed"):
+                self._stats["broken_discarded"] += 1
+            to_close.append((conn, reason))
+            self._grant_free_slots_locked()
+        self._evict_idle_locked(now, to_close)
+        return self._reserve_refill_locked()
+
+    def _give_locked(self, conn: Connection, now: float) -> None:
+        """Hand a usable connection to the oldest waiter, or make it idle."""
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            self._lend_locked(conn)
+            waiter.conn = conn
+            waiter.event.set()
+        else:
+            self._make_idle_locked(conn, now)
+
+    def _make_idle_locked(self, conn: Connection, now: float) -> None:
+        self.return_times[conn] = now
+        self.idle_connections.append(conn)
+
+    def _evict_idle_locked(self, now: float, to_close: list[tuple[Connection, str]]) -> None:
+        """Drop idle connections older than idle_timeout or past their lifetime (oldest on the left)."""
+        if self.idle_timeout:
+            while self.idle_connections:
+                oldest = self.idle_connections[0]
+                if now - self.return_times.get(oldest, now) <= self.idle_timeout:
+                    break
+                self.idle_connections.popleft()
+                self.return_times.pop(oldest, None)
+                to_close.append((oldest, "idle_timeout reached"))
+        if self.max_lifetime is not None:
+            for conn in [c for c in self.idle_connections if self._expired(c, now)]:
+                self.idle_connections.remove(conn)
+                self.return_times.pop(conn, None)
+                to_close.append((conn, "max_lifetime reached"))
+
+    def _expired(self, conn: Connection, now: float) -> bool:
+        info = self._info.get(conn)
+        return info is not None and info.expires is not None and now >= info.expires
+
+    def _total_locked(self) -> int:
+        """Connections open or being opened: what maxconn bounds."""
+        return len(self.idle_connections) + len(self.connections_in_use) + len(self._returning) + self._pending
+
+    def _grant_free_slots_locked(self) -> None:
+        """Give free slots to the oldest waiters, who then open their own connections."""
+        while self._waiters and self._total_locked() < self.maxconn:
+            waiter = self._waiters.popleft()
+            self._pending += 1
+            waiter.may_connect = True
+            waiter.event.set()
+
+    def _reserve_refill_locked(self) -> int:
+        if self._closed:
+            return 0
+        missing = self.minconn - self._total_locked()
+        if missing <= 0:
+            return 0
+        self._pending += missing
+        return missing
+
+    def _refill(self, count: int) -> None:
+        """Open `count` connections for minconn; a failure is logged and retried later, never raised."""
+        for done in range(count):
+            try:
+                conn = self._open_connection()
+            except Exception:
+                for _ in range(count - done):
+                    self._release_slot()
+                return
+            with self._lock:
+                self._pending -= 1
+                if self._closed:
+                    closing = True
+                else:
+                    closing = False
+                    self._give_locked(conn, time.monotonic())
+            if closing:
+                self._close_connections([conn], "pool closed while connecting")
+
+    def _release_slot(self) -> None:
+        """Give back a slot reserved for a connection that could not be opened."""
+        with self._lock:
+            self._pending -= 1
+            self._grant_free_slots_locked()
+
+    def _discard(self, conn: Connection, reason: str) -> None:
+        """Drop a lent connection found broken, freeing its slot."""
+        with self._lock:
+            self.connections_in_use.discard(conn)
+            self._stats["broken_discarded"] += 1
+            self._grant_free_slots_locked()
+            refill = self._reserve_refill_locked()
+        self._close_connections([conn], reason)
+        self._refill(refill)
+
+    # -- opening and closing -------------------------------------------------------------------
+
+    def _open_connection(self) -> Connection:
+        """Connect and run the configure hook; the caller holds a slot for it."""
+        try:
+            conn = psycopg2.connect(**self.connect_kwargs)
+        except Exception as exc:
+            with self._lock:
+                self._stats["connect_errors"] += 1
+            logger.warning("pool %r: connect failed: %s", self.name, self._redact(str(exc).strip()))
+            raise
+        try:
+            if self.configure is not None:
+                self.configure(conn)
+                if conn.info.transaction_status != _STATUS_IDLE:
+                    conn.commit()  # keep what configure set, e.g. SET search_path outside autocommit
+        except BaseException:
+            conn.close()
+            logger.warning("pool %r: configure failed, connection closed", self.name)
+            raise
+        expires = None
+        if self.max_lifetime is not None:
+            expires = time.monotonic() + self.max_lifetime * (1 - _LIFETIME_JITTER * random.random())
+        info = _ConnInfo(conn, expires)
+        with self._lock:
+            self._info[conn] = info
+            self._stats["connections_opened"] += 1
+        logger.info(
+            "pool %r: opened connection to %s:%s/%s (backend pid %s)",
+            self.name,
+            conn.info.host,
+            conn.info.port,
+            conn.info.dbname,
+            conn.info.backend_pid,
+        )
+        return conn
+
+    def _close_connections(self, conns: list[Connection], reason: str) -> None:
+        if not conns:
+            return
+        for conn in conns:
+            logger.info("pool %r: closing connection: %s", self.name, reason)
+            try:
+                conn.close()
+            except Exception:
+                logger.debug("pool %r: error closing a connection", self.name, exc_info=True)
+        with self._lock:
+            self._stats["connections_closed"] += len(conns)
+
+    def _redact(self, text: str) -> str:
+        return redact(text, self._secrets)
+
+    # -- whole pool ----------------------------------------------------------------------------
+
+    def clear(self) -> None:
+        """Close every idle connection, whatever `minconn` and `idle_timeout` say.
+
+        Useful after a burst of activity followed by a long quiet period. Lent connections are not
+        touched; the pool reopens connections as needed.
+        """
+        with self._lock:
+            idle = list(self.idle_connections)
+            self.idle_connections.clear()
+            self.return_times.clear()
+        self._close_connections(idle, "cleared")
+
+    def close(self) -> None:
+        """Close the pool: idle connections now, lent ones when they come back.
+
+        Threads waiting in `getconn` get `PoolClosed`, and so does every later `getconn`. Calling it
+        again does nothing.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            idle = list(self.idle_connections)
+            self.idle_connections.clear()
+            self.return_times.clear()
+            waiters = list(self._waiters)
+            self._waiters.clear()
+            for waiter in waiters:
+                waiter.error = PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
+                waiter.event.set()
+        self._housekeeper.stop()
+        self._close_connections(idle, "pool closed")
+        logger.info("pool %r: closed", self.name)
+
+    @property
+    def closed(self) -> bool:
+        """True once `close` was called."""
+        return self._closed
+
+    def _check_open_locked(self) -> None:
+        if self._closed:
+            raise PoolClosed(f"pool {self.name!r} is closed")
+
+    def __enter__(self) -> ConnectionPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Return a snapshot: sizes, current counts, and counters that only grow."""
+        with self._lock:
+            snapshot: dict[str, Any] = {
+                "name": self.name,
+                "minconn": self.minconn,
+                "maxconn": self.maxconn,
+                "idle": len(self.idle_connections),
+                "in_use": len(self.connections_in_use) + len(self._returning),
+                "opening": self._pending,
+                "waiting": len(self._waiters),
+            }
+            snapshot.update(self._stats)
+        return snapshot
+
+    def __repr__(self) -> str:
+        with self._lock:
+            idle = len(self.idle_connections)
+            in_use = len(self.connections_in_use) + len(self._returning)
+            waiting = len(self._waiters)
+        state = "closed" if self._closed else "open"
+        return (
+            f"<{type(self).__name__} {self.name!r} {state} [idle: {idle}, in use: {in_use}, "
+            f"waiting: {waiting} | minconn={self.minconn}, maxconn={self.maxconn}]>"
+        )
+
+    # -- borrowing that cannot leak (see pgpool.borrow) ----------------------------------------
+
+    def connection(self, timeout: float | None = None) -> AbstractContextManager[Connection]:
+        """Borrow a connection for a ``with`` block; it always comes back, uncommitted work rolled back.
+
+        Inside another borrow from this pool in the same context, joins that borrow's connection.
+        """
+        return borrow.connection(self, timeout)
+
+    def transaction(self, timeout: float | None = None) -> AbstractContextManager[Connection]:
+        """Borrow a connection in a transaction: committed if the block ends normally, else rolled back.
+
+        Nested in another `transaction` of this pool, it is a savepoint of the outer one.
+        """
+        return borrow.transaction(self, timeout)
+
+    # -- housekeeping and fork -----------------------------------------------------------------
+
+    def _housekeep(self) -> float | None:
+        """One round of background maintenance; return seconds until the next one (None: stop)."""
+        if self._closed:
+            return None
+        now = time.monotonic()
+        to_close: list[tuple[Connection, str]] = []
+        leaks: list[tuple[float, list[str] | None]] = []
+        with self._lock:
+            self._evict_idle_locked(now, to_close)
+            self._grant_free_slots_locked()
+            refill = self._reserve_refill_locked()
+            if self.leak_timeout is not None:
+                for conn in list(self.connections_in_use):
+                    info = self._info.get(conn)
+                    if info is not None and info.stack is not None and now - info.borrowed_at > self.leak_timeout:
+                        leaks.append((now - info.borrowed_at, info.stack))
+                        info.stack = None  # report each borrow once
+        for held, stack in leaks:
+            logger.warning(
+                "pool %r: connection borrowed %.1f sec ago and not returned (leak_timeout=%s); borrowed at:\n%s",
+                self.name,
+                held,
+                self.leak_timeout,
+                "".join(stack or ()),
+            )
+        for conn, why in to_close:
+            self._close_connections([conn], why)
+        self._refill(refill)
+        return self._housekeeping_interval()
+
+    def _housekeeping_interval(self) -> float:
+        intervals = [5.0]
+        if self.leak_timeout is not None:
+            intervals.append(max(0.05, min(self.leak_timeout / 4, 0.5)))
+        if self.idle_timeout:
+            intervals.append(max(0.05, self.idle_timeout / 4))
+        if self.max_lifetime is not None:
+            intervals.append(max(0.05, self.max_lifetime * _LIFETIME_JITTER / 2))
+        return min(intervals)
+
+    def _after_fork_in_child(self) -> None:
+        """Start from zero connections without touching the parent's sessions."""
+        self._lock = threading.Lock()
+        inherited = [*self.idle_connections, *self.connections_in_use, *self._returning]
+        self.idle_connections.clear()
+        self.return_times.clear()
+        self.connections_in_use = weakref.WeakSet()
+        self._returning = set()
+        self._pending = 0
+        self._waiters.clear()
+        self._info = weakref.WeakKeyDictionary()
+        self._housekeeper = Housekeeper(self)
+        for conn in inherited:
+            _disown(conn)
+
+
+def _disown(conn: Connection) -> None:
+    """Make a connection inherited through fork unusable in this process, leaving the parent's alone.
+
+    Closing it normally (or letting it be garbage collected) would send a Terminate message on the
+    socket shared with the parent and end the parent's session. Pointing the descriptor at /dev/null
+    first makes that message go nowhere; the child's borrowers then get an error, not the parent's data.
+    """
+    try:
+        fd = conn.fileno()
+    except Exception:
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+    try:
+        conn.close()
+    except Exception:
+        pass
+
+
+def _reset_pools_after_fork() -> None:
+    for pool in list(_all_pools):
+        pool._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_reset_pools_after_fork)
+
+
+class ThreadSafeConnectionPool(ConnectionPool):
+    """A `ConnectionPool` to share between threads, able to wait for a connection.
+
+    Every method may be called from any thread. With ``timeout > 0`` (the pool's, or per call),
+    `getconn` queues when `maxconn` connections are lent and waits for one to come back; waiters are
+    served first come, first served. Connections are opened outside the pool's lock, in parallel.
+    """
+
+    _can_wait = True
+
