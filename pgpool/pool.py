@@ -594,7 +594,7 @@ class ConnectionPool:
     def _open_connection(self) -> Connection:
         """Connect and run the configure hook; the caller holds a slot for it."""
         try:
-            conn = psycopg2.connect(**self.connect_kwargs)
+            conn: Connection = psycopg2.connect(**self.connect_kwargs)
         except Exception as exc:
             with self._lock:
                 self._stats["connect_errors"] += 1
@@ -831,4 +831,3 @@ class ThreadSafeConnectionPool(ConnectionPool):
     """
 
     _can_wait = True
-

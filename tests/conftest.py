@@ -19,9 +19,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from embedded_pg import EmbeddedPostgres  # noqa: E402
+from embedded_pg import EmbeddedPostgres
 
-import pgpool  # noqa: E402
+import pgpool
 
 _app_names = itertools.count(1)
 

@@ -12,7 +12,7 @@ import psycopg2.pool
 import pytest
 
 import pgpool
-from pgpool import ConnectionPool, PoolError, ThreadSafeConnectionPool
+from pgpool import PoolError, ThreadSafeConnectionPool
 
 
 def closed_port() -> int:
