@@ -167,6 +167,11 @@ class ConnectionPool:
         connect_kwargs.setdefault("dsn", "")
         self.connect_kwargs = connect_kwargs
         self._secrets = find_secrets(connect_kwargs)
+        try:
+            psycopg2.extensions.parse_dsn(connect_kwargs["dsn"] or "")
+        except psycopg2.ProgrammingError as exc:
+            # psycopg2's message quotes the dsn, password included.
+            raise ValueError(f"invalid dsn for pool {self.name!r}: {self._redact(str(exc).strip())}") from None
 
         # State is only mutated under self._lock, even in the single-threaded pool: the housekeeping
         # thread changes it too. Slow work (connect, close, queries) happens after releasing it.
@@ -454,7 +459,8 @@ class ConnectionPool:
         if close:
             return "closed on request"
         if conn.closed:
-            return "returned closed"
+            # psycopg2 sets closed=2 when the connection broke, 1 when the borrower closed it.
+            return "broken (connection lost)" if conn.closed == 2 else "returned closed"
         status = conn.info.transaction_status
         if status == _STATUS_IDLE:
             return None
@@ -492,7 +498,7 @@ class ConnectionPool:
         if reason is None:
             self._give_locked(conn, now)
         else:
-            if reason in ("broken", "returned closed") or reason.startswith("cleanup failed"):
+            if reason.startswith(("broken", "returned closed", "cleanup failed")):
                 self._stats["broken_discarded"] += 1
             to_close.append((conn, reason))
             self._grant_free_slots_locked()

@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 import threading
+import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg2
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from embedded_pg import EmbeddedPostgres
-
 import pgpool
+
+from .embedded_pg import EmbeddedPostgres
 
 _app_names = itertools.count(1)
 
@@ -63,12 +60,21 @@ def admin(base_dsn: str) -> Iterator[psycopg2.extensions.connection]:
 
 @pytest.fixture
 def sessions(admin: psycopg2.extensions.connection, app_name: str):
-    """sessions() -> how many server sessions this test's pools have open right now."""
+    """sessions() -> how many server sessions this test's pools have open right now.
 
-    def count() -> int:
-        with admin.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app_name,))
-            return int(cur.fetchone()[0])
+    sessions(expect=n) polls for up to 5 s until the count is n: a backend needs a moment to exit
+    after its client closed the connection.
+    """
+
+    def count(expect: int | None = None) -> int:
+        deadline = time.monotonic() + 5
+        while True:
+            with admin.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app_name,))
+                found = int(cur.fetchone()[0])
+            if expect is None or found == expect or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
 
     return count
 

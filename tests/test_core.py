@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -14,13 +13,7 @@ import pytest
 import pgpool
 from pgpool import PoolError, ThreadSafeConnectionPool
 
-
-def closed_port() -> int:
-    """A loopback port nobody listens on: connecting there fails like a server that is down."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
+from .helpers import closed_port
 
 # -- construction and attributes -------------------------------------------------------------------
 
@@ -28,7 +21,7 @@ def closed_port() -> int:
 def test_minconn_connections_are_opened_at_construction(pool_cls, dsn, sessions):
     with pool_cls(minconn=3, dsn=dsn) as pool:
         assert len(pool.idle_connections) == 3
-        assert sessions() == 3
+        assert sessions(expect=3) == 3
 
 
 def test_documented_attributes_exist_with_their_meaning(pool_cls, dsn):
@@ -104,7 +97,7 @@ def test_constructor_closes_what_it_opened_when_a_connect_fails(dsn, sessions, m
     monkeypatch.setattr(psycopg2, "connect", connect_twice)
     with pytest.raises(psycopg2.OperationalError):
         ThreadSafeConnectionPool(minconn=3, dsn=dsn)
-    assert sessions() == 0
+    assert sessions(expect=0) == 0
 
 
 def test_pool_error_is_also_a_psycopg2_pool_error():
@@ -130,7 +123,7 @@ def test_getconn_opens_a_connection_when_none_is_idle(pool_cls, dsn, sessions):
     with pool_cls(minconn=0, maxconn=3, dsn=dsn) as pool:
         conns = [pool.getconn() for _ in range(3)]
         assert len({id(c) for c in conns}) == 3
-        assert sessions() == 3
+        assert sessions(expect=3) == 3
 
 
 def test_getconn_raises_pool_error_when_maxconn_are_in_use(pool_cls, dsn):
@@ -147,7 +140,7 @@ def test_maxconn_counts_connections_taken_from_the_idle_list(pool_cls, dsn, sess
         held = [pool.getconn(), pool.getconn()]  # both come from the idle list
         with pytest.raises(PoolError):
             pool.getconn()
-        assert sessions() == 2
+        assert sessions(expect=2) == 2
         assert all(not c.closed for c in held)
 
 
@@ -254,7 +247,7 @@ def test_putconn_of_a_foreign_connection_raises_and_leaves_it_open(pool_cls, dsn
                 pool.putconn(foreign)
             assert not foreign.closed
             assert not pool.idle_connections
-            assert sessions() == 1
+            assert sessions(expect=1) == 1
     finally:
         foreign.close()
 
@@ -282,7 +275,7 @@ def test_idle_timeout_zero_closes_returned_connections_beyond_minconn(pool_cls, 
         pool.putconn(b)
         assert b.closed
         assert list(pool.idle_connections) == [a]
-        assert sessions() == 1
+        assert sessions(expect=1) == 1
 
 
 def test_putconn_drops_idle_connections_older_than_idle_timeout(pool_cls, dsn):
@@ -304,7 +297,7 @@ def test_putconn_reopens_connections_until_minconn_exist(pool_cls, dsn, terminat
         pool.putconn(a)  # broken: discarded, then refilled
         assert a.closed
         assert len(pool.idle_connections) == 2
-        assert sessions() == 2
+        assert sessions(expect=2) == 2
 
 
 def test_putconn_succeeds_when_the_minconn_refill_fails_and_retries_later(pool_cls, dsn, terminate, caplog):
@@ -331,7 +324,7 @@ def test_clear_closes_every_idle_connection(pool_cls, dsn, sessions):
         assert all(c.closed for c in idle)
         assert not pool.idle_connections
         assert not lent.closed
-        assert sessions() == 1
+        assert sessions(expect=1) == 1
         pool.putconn(lent)
 
 
