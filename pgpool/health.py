@@ -46,17 +46,13 @@ def reset_session(conn: Connection) -> None:
             conn.autocommit = autocommit
 
 
-def socket_has_data(conn: Connection) -> bool:
-    """Tell, without a round trip, whether the server sent anything to an idle connection.
+def socket_probe(conn: Connection) -> select.poll:
+    """Make a poller telling, without a round trip, whether the server sent anything to `conn`.
 
     An idle connection has nothing to read unless the server closed it (restart,
-    ``pg_terminate_backend``, ``idle_session_timeout``) or sent a notification. Uses ``poll``, which,
-    unlike ``select.select``, works with file numbers above 1024.
+    ``pg_terminate_backend``, ``idle_session_timeout``) or sent a notification: ``probe.poll(0)`` is
+    then non-empty. Uses ``poll``, which, unlike ``select.select``, works with file numbers above 1024.
     """
-    try:
-        fd = conn.fileno()
-    except (psycopg2.Error, ValueError):
-        return True
     poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
-    return bool(poller.poll(0))
+    poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    return poller

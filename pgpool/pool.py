@@ -26,7 +26,7 @@ import psycopg2.extensions
 from . import borrow
 from ._secrets import find_secrets, redact
 from .errors import PoolClosed, PoolError, PoolTimeout
-from .health import check_connection, socket_has_data
+from .health import check_connection, socket_probe
 from .housekeeping import Housekeeper
 
 __all__ = ["ConnectionPool", "ThreadSafeConnectionPool"]
@@ -62,13 +62,31 @@ _STAT_COUNTERS = (
 )
 
 
+# What a connection of the pool is doing (_ConnInfo.state).
+_IDLE = "idle"  # in idle_connections
+_LENT = "lent"  # lent by getconn
+_RETURNING = "returning"  # given back to putconn, being cleaned up outside the lock
+
+
 class _ConnInfo:
     """What the pool remembers about one of its connections."""
 
-    __slots__ = ("autocommit", "borrowed_at", "deferrable", "expires", "isolation_level", "readonly", "stack")
+    __slots__ = (
+        "autocommit",
+        "borrowed_at",
+        "deferrable",
+        "expires",
+        "isolation_level",
+        "probe",
+        "readonly",
+        "stack",
+        "state",
+    )
 
     def __init__(self, conn: Connection, expires: float | None) -> None:
+        self.state = _LENT
         self.expires = expires  # monotonic time after which it is retired (max_lifetime)
+        self.probe = socket_probe(conn)  # made once: probing is then a single poll() call
         # The session characteristics restored on every return.
         self.autocommit = conn.autocommit
         self.isolation_level = conn.isolation_level
@@ -77,9 +95,11 @@ class _ConnInfo:
         self.borrowed_at = 0.0  # monotonic time of the current borrow (leak detection)
         self.stack: list[str] | None = None  # where it was borrowed, when leak_timeout is set
 
-    def settings_changed(self, conn: Connection) -> bool:
+    def needs_cleanup(self, conn: Connection) -> bool:
+        """Tell whether a returned connection is in a transaction or had its settings changed."""
         return (
-            conn.autocommit != self.autocommit
+            conn.get_transaction_status() != _STATUS_IDLE
+            or conn.autocommit != self.autocommit
             or conn.isolation_level != self.isolation_level
             or conn.readonly != self.readonly
             or conn.deferrable != self.deferrable
@@ -99,7 +119,7 @@ class _Waiter:
 
     def __init__(self) -> None:
         self.event = threading.Event()
-        self.conn: Connection | None = None  # a connection handed over, already counted in use
+        self.conn: Connection | None = None  # a connection handed over, already marked lent
         self.may_connect = False  # a slot reserved for it: it opens its own connection
         self.error: PoolError | None = None
 
@@ -116,7 +136,7 @@ class ConnectionPool:
     """A pool of psycopg2 connections, for one thread.
 
     `getconn` lends a connection and `putconn` takes it back: after `getconn` you must call `putconn`,
-    or better, borrow with ``with pool.connection() as conn:`` which cannot forget. Connections are
+    or better, borrow with ``with pool.connection() as conn:``, which cannot forget. Connections are
     opened on demand up to `maxconn`; `minconn` of them are opened at construction and kept open.
 
     Attributes, as in ``psycopg2_pool``:
@@ -124,14 +144,16 @@ class ConnectionPool:
     - `minconn`, `maxconn`, `idle_timeout`, `connect_kwargs`: the construction arguments;
     - `idle_connections`: a deque of the idle connections, the most recently returned on the right
       (lent first: last in, first out);
-    - `connections_in_use`: a weak set of the connections lent and not yet returned; a leaked
-      connection that is garbage collected frees its slot;
+    - `connections_in_use`: a weak set of the connections lent and not yet returned; the pool holds
+      lent connections weakly, so a leaked one that is garbage collected frees its slot;
     - `return_times`: idle connection -> ``time.monotonic()`` of its return.
 
     Read them, do not change them: they are the pool's state.
 
-    This class refuses ``timeout > 0``: with one thread, nobody could return a connection while
-    `getconn` waits. Use `ThreadSafeConnectionPool` from several threads.
+    The pool has a lock even in this single-threaded class, because its housekeeping thread changes
+    its state too (an uncontended lock costs tens of nanoseconds). This class refuses ``timeout > 0``:
+    with one thread, nobody could return a connection while `getconn` waits. Use
+    `ThreadSafeConnectionPool` from several threads.
     """
 
     _can_wait = False
@@ -175,18 +197,25 @@ class ConnectionPool:
 
         # State is only mutated under self._lock, even in the single-threaded pool: the housekeeping
         # thread changes it too. Slow work (connect, close, queries) happens after releasing it.
+        # The one exception is _collected below, which only removes a dict entry (atomic).
         self._lock = threading.Lock()
         self.idle_connections: deque[Connection] = deque()  # ready to lend, newest on the right
         self.return_times: dict[Connection, float] = {}  # idle connection -> when it became idle
-        self.connections_in_use: weakref.WeakSet[Connection] = weakref.WeakSet()  # lent out
-        self._returning: set[Connection] = set()  # given back, being cleaned up outside the lock
+        # Every open connection of the pool -> its info. Keys are weak references: a lent connection
+        # that is leaked and garbage collected drops out by itself, freeing its slot.
+        self._conns: dict[weakref.ref[Connection], _ConnInfo] = {}
         self._pending = 0  # slots reserved for connections being opened
         self._waiters: deque[_Waiter] = deque()  # threads queued in getconn, oldest on the left
-        self._info: weakref.WeakKeyDictionary[Connection, _ConnInfo] = weakref.WeakKeyDictionary()
         self._closed = False
         self._stats = dict.fromkeys(_STAT_COUNTERS, 0)
         self._housekeeper = Housekeeper(self)
         self._borrow = borrow.new_borrow_var(self.name)
+        conns = self._conns
+
+        def collected(ref: weakref.ref[Connection]) -> None:
+            conns.pop(ref, None)
+
+        self._collected = collected
         _all_pools.add(self)
 
         try:
@@ -239,7 +268,13 @@ class ConnectionPool:
         given) for one to come back, and raises `PoolTimeout`; with no timeout, raises `PoolError`
         at once. A connect error reaches the caller, unless a timeout allows retrying it.
         """
-        wait = self._resolve_timeout(timeout)
+        wait = self.timeout if timeout is None else self._resolve_timeout(timeout)
+        conn = self._get_ready_connection(wait)
+        if self.leak_timeout is not None:
+            self._note_borrow(conn)
+        return conn
+
+    def _get_ready_connection(self, wait: float) -> Connection:
         deadline = time.monotonic() + wait if wait > 0 else 0.0
         attempt = 0
         last_error: Exception | None = None
@@ -249,10 +284,11 @@ class ConnectionPool:
             reserved = False
             exhausted = ""
             with self._lock:
-                self._check_open_locked()
-                conn = self._pop_idle_locked(to_close)
-                if conn is None:
-                    if not self._waiters and self._total_locked() < self.maxconn:
+                if self._closed:
+                    raise PoolClosed(f"pool {self.name!r} is closed")
+                found = self._pop_idle_locked(to_close) if self.idle_connections else None
+                if found is None:
+                    if not self._waiters and len(self._conns) + self._pending < self.maxconn:
                         self._pending += 1
                         reserved = True
                     elif wait > 0:
@@ -260,17 +296,24 @@ class ConnectionPool:
                         self._waiters.append(waiter)
                     else:
                         exhausted = self._exhausted_message_locked()
-            self._close_connections(to_close, "idle too long, expired or not idle")
+            if to_close:
+                self._close_connections(to_close, "idle too long, expired or not idle")
             self._housekeeper.ensure_running()
-            if conn is None and waiter is None and not reserved:
-                raise PoolError(exhausted)
-            if waiter is not None:
-                conn = self._wait(waiter, deadline, wait, last_error)
-                reserved = conn is None
-            if conn is not None:
-                if self._lendable(conn):
+            if found is not None:
+                conn, info = found
+                if self._lendable(conn, info):
                     return conn
                 continue
+            if waiter is not None:
+                handed = self._wait(waiter, deadline, wait, last_error)
+                if handed is not None:
+                    conn, info = handed
+                    if self._lendable(conn, info):
+                        return conn
+                    continue
+            elif not reserved:
+                raise PoolError(exhausted)
+            # We hold a reserved slot: open a connection in it.
             try:
                 conn = self._open_connection()
             except Exception as exc:
@@ -290,14 +333,13 @@ class ConnectionPool:
             with self._lock:
                 self._pending -= 1
                 if not self._closed:
-                    self._lend_locked(conn)
+                    self._stats["checkouts"] += 1
                     return conn
+                self._forget_locked(conn)
             self._close_connections([conn], "pool closed while connecting")
             raise PoolClosed(f"pool {self.name!r} is closed")
 
-    def _resolve_timeout(self, timeout: float | None) -> float:
-        if timeout is None:
-            return self.timeout
+    def _resolve_timeout(self, timeout: float) -> float:
         if not isinstance(timeout, (int, float)) or not timeout >= 0:
             raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r} (pool {self.name!r})")
         if timeout > 0 and not self._can_wait:
@@ -307,37 +349,40 @@ class ConnectionPool:
             )
         return float(timeout)
 
-    def _pop_idle_locked(self, to_close: list[Connection]) -> Connection | None:
+    def _pop_idle_locked(self, to_close: list[Connection]) -> tuple[Connection, _ConnInfo] | None:
         """Take the newest idle connection fit to lend; move unfit ones to `to_close`."""
         now = time.monotonic()
+        idle_timeout = self.idle_timeout
         while self.idle_connections:
             conn = self.idle_connections.pop()
             returned = self.return_times.pop(conn, 0.0)
-            info = self._info.get(conn)
+            info = self._conns[weakref.ref(conn)]
             if (
-                info is None
-                or conn.closed
-                or conn.info.transaction_status != _STATUS_IDLE
-                or (self.idle_timeout and now - returned > self.idle_timeout)
+                conn.closed
+                or conn.get_transaction_status() != _STATUS_IDLE
+                or (idle_timeout and now - returned > idle_timeout)
                 or (info.expires is not None and now >= info.expires)
             ):
+                self._forget_locked(conn)
                 to_close.append(conn)
                 continue
-            self._lend_locked(conn, info)
-            return conn
+            info.state = _LENT
+            self._stats["checkouts"] += 1
+            return conn, info
         return None
 
-    def _lend_locked(self, conn: Connection, info: _ConnInfo | None = None) -> None:
-        self.connections_in_use.add(conn)
-        self._stats["checkouts"] += 1
-        if self.leak_timeout is not None:
-            info = info or self._info[conn]
-            info.borrowed_at = time.monotonic()
-            info.stack = traceback.format_stack()[:-3]
+    def _note_borrow(self, conn: Connection) -> None:
+        """Remember when and where `conn` was borrowed, for leak reports."""
+        stack = traceback.format_stack()[:-2]  # formatted outside the lock: it is slow
+        with self._lock:
+            info = self._conns.get(weakref.ref(conn))
+            if info is not None:
+                info.borrowed_at = time.monotonic()
+                info.stack = stack
 
-    def _lendable(self, conn: Connection) -> bool:
+    def _lendable(self, conn: Connection, info: _ConnInfo) -> bool:
         """Run the health checks that need no lock on a connection just taken; discard it if it fails."""
-        if socket_has_data(conn):
+        if info.probe.poll(0):
             # The server closed it or sent a notification: only a real round trip tells which.
             try:
                 check_connection(conn)
@@ -347,14 +392,16 @@ class ConnectionPool:
         if self.check is not None:
             try:
                 self.check(conn)
-                if conn.info.transaction_status != _STATUS_IDLE:
+                if conn.get_transaction_status() != _STATUS_IDLE:
                     conn.rollback()
             except Exception as exc:
                 self._discard(conn, f"check failed ({self._redact(str(exc).strip())})")
                 return False
         return True
 
-    def _wait(self, waiter: _Waiter, deadline: float, wait: float, last_error: Exception | None) -> Connection | None:
+    def _wait(
+        self, waiter: _Waiter, deadline: float, wait: float, last_error: Exception | None
+    ) -> tuple[Connection, _ConnInfo] | None:
         """Wait in line; return a connection handed over, or None when a slot was reserved for us."""
         started = time.monotonic()
         while True:
@@ -374,7 +421,9 @@ class ConnectionPool:
                 if waiter.served():
                     if waiter.error is not None:
                         raise waiter.error
-                    return waiter.conn
+                    if waiter.conn is None:
+                        return None
+                    return waiter.conn, self._conns[weakref.ref(waiter.conn)]
             if remaining <= 0:
                 break
         msg = self._timeout_message(wait, last_error)
@@ -385,7 +434,7 @@ class ConnectionPool:
 
     def _timeout_message(self, wait: float, error: Exception | None) -> str:
         with self._lock:
-            in_use = len(self.connections_in_use) + len(self._returning)
+            in_use = len(self._conns) - len(self.idle_connections)
         msg = (
             f"couldn't get a connection from pool {self.name!r} after {wait:.2f} sec "
             f"(maxconn={self.maxconn}, {in_use} in use)"
@@ -397,7 +446,7 @@ class ConnectionPool:
     def _exhausted_message_locked(self) -> str:
         return (
             f"connection pool exhausted: pool {self.name!r} has all maxconn={self.maxconn} connections "
-            f"in use ({len(self.connections_in_use)} lent, {self._pending} opening)"
+            f"in use ({len(self._conns) - len(self.idle_connections)} lent, {self._pending} opening)"
         )
 
     def _count_timeout(self) -> None:
@@ -419,40 +468,33 @@ class ConnectionPool:
             raise PoolError(
                 f"pool {self.name!r} can only take back a psycopg2 connection it lent, got {type(conn).__name__}"
             )
+        key = weakref.ref(conn)
         to_close: list[tuple[Connection, str]] = []
         with self._lock:
-            self._check_lent_locked(conn)
-            self.connections_in_use.discard(conn)
+            info = self._conns.get(key)
+            if info is None or info.state is not _LENT:
+                raise PoolError(self._refusal(info))
             reason = self._return_reason(conn, close)
-            slow = reason is not None or self._needs_cleanup(conn)
+            slow = reason is not None or self.reset is not None or info.needs_cleanup(conn)
             if slow:
-                self._returning.add(conn)  # still counted, and a second putconn is refused
+                info.state = _RETURNING  # still counted, and a second putconn is refused
             else:
-                refill = self._settle_locked(conn, None, to_close)  # clean: done in one go
+                refill = self._settle_locked(conn, info, None, to_close)  # clean: done in one go
         if slow:
             # Cleanup is network I/O (rollback, reset): outside the lock.
             if reason is None:
-                reason = self._clean(conn)
+                reason = self._clean(conn, info)
             with self._lock:
-                self._returning.discard(conn)
-                refill = self._settle_locked(conn, reason, to_close)
-        for old, why in to_close:
-            self._close_connections([old], why)
-        self._refill(refill)
+                refill = self._settle_locked(conn, info, reason, to_close)
+        if to_close:
+            for old, why in to_close:
+                self._close_connections([old], why)
+            self._refill(refill)
 
-    def _check_lent_locked(self, conn: Connection) -> None:
-        if conn in self.connections_in_use:
-            return
-        if conn in self.return_times or conn in self._returning:
-            raise PoolError(f"connection already returned to pool {self.name!r}: putconn called twice")
-        raise PoolError(f"connection not lent by pool {self.name!r}: putconn refused a foreign connection")
-
-    def _needs_cleanup(self, conn: Connection) -> bool:
-        return (
-            self.reset is not None
-            or conn.info.transaction_status != _STATUS_IDLE
-            or self._info[conn].settings_changed(conn)
-        )
+    def _refusal(self, info: _ConnInfo | None) -> str:
+        if info is None:
+            return f"connection not lent by pool {self.name!r}: putconn refused a foreign connection"
+        return f"connection already returned to pool {self.name!r}: putconn called twice"
 
     def _return_reason(self, conn: Connection, close: bool) -> str | None:
         """Tell why a returned connection cannot be kept, before any cleanup (None: it may be)."""
@@ -461,7 +503,7 @@ class ConnectionPool:
         if conn.closed:
             # psycopg2 sets closed=2 when the connection broke, 1 when the borrower closed it.
             return "broken (connection lost)" if conn.closed == 2 else "returned closed"
-        status = conn.info.transaction_status
+        status = conn.get_transaction_status()
         if status == _STATUS_IDLE:
             return None
         if status == _STATUS_UNKNOWN:
@@ -470,82 +512,90 @@ class ConnectionPool:
             return "returned with a command in progress (ACTIVE)"
         return None  # in a transaction: rolled back by _clean
 
-    def _clean(self, conn: Connection) -> str | None:
+    def _clean(self, conn: Connection, info: _ConnInfo) -> str | None:
         """Roll back, restore the settings, run the reset hook; say why it failed, if it did."""
         try:
-            if conn.info.transaction_status != _STATUS_IDLE:
+            if conn.get_transaction_status() != _STATUS_IDLE:
                 conn.rollback()
-            self._info[conn].restore_settings(conn)
+            info.restore_settings(conn)
             if self.reset is not None:
                 self.reset(conn)
-                if conn.info.transaction_status != _STATUS_IDLE:
+                if conn.get_transaction_status() != _STATUS_IDLE:
                     conn.rollback()
         except Exception as exc:
             return f"cleanup failed ({self._redact(str(exc).strip())})"
         return None
 
-    def _settle_locked(self, conn: Connection, reason: str | None, to_close: list[tuple[Connection, str]]) -> int:
+    def _settle_locked(
+        self, conn: Connection, info: _ConnInfo, reason: str | None, to_close: list[tuple[Connection, str]]
+    ) -> int:
         """Keep or drop a returned connection, evict stale idle ones; return how many to open."""
         now = time.monotonic()
-        info = self._info.get(conn)
         if reason is None:
             if self._closed:
                 reason = "pool closed"
             elif self.idle_timeout == 0 and len(self.idle_connections) >= self.minconn:
                 reason = "idle_timeout is 0 and minconn are idle"
-            elif info is not None and info.expires is not None and now >= info.expires:
+            elif info.expires is not None and now >= info.expires:
                 reason = "max_lifetime reached"
         if reason is None:
-            self._give_locked(conn, now)
+            self._give_locked(conn, info, now)
         else:
             if reason.startswith(("broken", "returned closed", "cleanup failed")):
                 self._stats["broken_discarded"] += 1
+            self._forget_locked(conn)
             to_close.append((conn, reason))
             self._grant_free_slots_locked()
-        self._evict_idle_locked(now, to_close)
-        return self._reserve_refill_locked()
+        if self.idle_timeout:
+            self._evict_idle_locked(now, to_close)
+        return self._reserve_refill_locked() if to_close else 0
 
-    def _give_locked(self, conn: Connection, now: float) -> None:
+    def _give_locked(self, conn: Connection, info: _ConnInfo, now: float) -> None:
         """Hand a usable connection to the oldest waiter, or make it idle."""
         if self._waiters:
             waiter = self._waiters.popleft()
-            self._lend_locked(conn)
+            info.state = _LENT
+            self._stats["checkouts"] += 1
             waiter.conn = conn
             waiter.event.set()
         else:
-            self._make_idle_locked(conn, now)
+            info.state = _IDLE
+            self.return_times[conn] = now
+            self.idle_connections.append(conn)
 
     def _make_idle_locked(self, conn: Connection, now: float) -> None:
+        self._conns[weakref.ref(conn)].state = _IDLE
         self.return_times[conn] = now
         self.idle_connections.append(conn)
 
     def _evict_idle_locked(self, now: float, to_close: list[tuple[Connection, str]]) -> None:
-        """Drop idle connections older than idle_timeout or past their lifetime (oldest on the left)."""
-        if self.idle_timeout:
-            while self.idle_connections:
-                oldest = self.idle_connections[0]
-                if now - self.return_times.get(oldest, now) <= self.idle_timeout:
-                    break
-                self.idle_connections.popleft()
-                self.return_times.pop(oldest, None)
-                to_close.append((oldest, "idle_timeout reached"))
-        if self.max_lifetime is not None:
-            for conn in [c for c in self.idle_connections if self._expired(c, now)]:
+        """Drop idle connections older than idle_timeout (the oldest are on the left)."""
+        while self.idle_connections:
+            oldest = self.idle_connections[0]
+            if now - self.return_times.get(oldest, now) <= self.idle_timeout:
+                break
+            self.idle_connections.popleft()
+            self.return_times.pop(oldest, None)
+            self._forget_locked(oldest)
+            to_close.append((oldest, "idle_timeout reached"))
+
+    def _retire_expired_locked(self, now: float, to_close: list[tuple[Connection, str]]) -> None:
+        """Drop idle connections past their max_lifetime (a scan: only in housekeeping)."""
+        for conn in list(self.idle_connections):
+            expires = self._conns[weakref.ref(conn)].expires
+            if expires is not None and now >= expires:
                 self.idle_connections.remove(conn)
                 self.return_times.pop(conn, None)
+                self._forget_locked(conn)
                 to_close.append((conn, "max_lifetime reached"))
 
-    def _expired(self, conn: Connection, now: float) -> bool:
-        info = self._info.get(conn)
-        return info is not None and info.expires is not None and now >= info.expires
-
-    def _total_locked(self) -> int:
-        """Connections open or being opened: what maxconn bounds."""
-        return len(self.idle_connections) + len(self.connections_in_use) + len(self._returning) + self._pending
+    def _forget_locked(self, conn: Connection) -> None:
+        """Stop counting a connection that is about to be closed."""
+        self._conns.pop(weakref.ref(conn), None)
 
     def _grant_free_slots_locked(self) -> None:
         """Give free slots to the oldest waiters, who then open their own connections."""
-        while self._waiters and self._total_locked() < self.maxconn:
+        while self._waiters and len(self._conns) + self._pending < self.maxconn:
             waiter = self._waiters.popleft()
             self._pending += 1
             waiter.may_connect = True
@@ -554,7 +604,7 @@ class ConnectionPool:
     def _reserve_refill_locked(self) -> int:
         if self._closed:
             return 0
-        missing = self.minconn - self._total_locked()
+        missing = self.minconn - len(self._conns) - self._pending
         if missing <= 0:
             return 0
         self._pending += missing
@@ -571,11 +621,11 @@ class ConnectionPool:
                 return
             with self._lock:
                 self._pending -= 1
-                if self._closed:
-                    closing = True
+                closing = self._closed
+                if closing:
+                    self._forget_locked(conn)
                 else:
-                    closing = False
-                    self._give_locked(conn, time.monotonic())
+                    self._give_locked(conn, self._conns[weakref.ref(conn)], time.monotonic())
             if closing:
                 self._close_connections([conn], "pool closed while connecting")
 
@@ -588,7 +638,7 @@ class ConnectionPool:
     def _discard(self, conn: Connection, reason: str) -> None:
         """Drop a lent connection found broken, freeing its slot."""
         with self._lock:
-            self.connections_in_use.discard(conn)
+            self._forget_locked(conn)
             self._stats["broken_discarded"] += 1
             self._grant_free_slots_locked()
             refill = self._reserve_refill_locked()
@@ -598,7 +648,10 @@ class ConnectionPool:
     # -- opening and closing -------------------------------------------------------------------
 
     def _open_connection(self) -> Connection:
-        """Connect and run the configure hook; the caller holds a slot for it."""
+        """Connect and run the configure hook; the caller holds a slot for it.
+
+        The new connection is registered as lent; the caller makes it idle or keeps it.
+        """
         try:
             conn: Connection = psycopg2.connect(**self.connect_kwargs)
         except Exception as exc:
@@ -609,7 +662,7 @@ class ConnectionPool:
         try:
             if self.configure is not None:
                 self.configure(conn)
-                if conn.info.transaction_status != _STATUS_IDLE:
+                if conn.get_transaction_status() != _STATUS_IDLE:
                     conn.commit()  # keep what configure set, e.g. SET search_path outside autocommit
         except BaseException:
             conn.close()
@@ -620,7 +673,9 @@ class ConnectionPool:
             expires = time.monotonic() + self.max_lifetime * (1 - _LIFETIME_JITTER * random.random())
         info = _ConnInfo(conn, expires)
         with self._lock:
-            self._info[conn] = info
+            # The slot moves from _pending to _conns in the caller's critical section; until then
+            # the connection is counted twice, which errs on the side of maxconn.
+            self._conns[weakref.ref(conn, self._collected)] = info
             self._stats["connections_opened"] += 1
         logger.info(
             "pool %r: opened connection to %s:%s/%s (backend pid %s)",
@@ -656,10 +711,16 @@ class ConnectionPool:
         touched; the pool reopens connections as needed.
         """
         with self._lock:
-            idle = list(self.idle_connections)
-            self.idle_connections.clear()
-            self.return_times.clear()
+            idle = self._take_all_idle_locked()
         self._close_connections(idle, "cleared")
+
+    def _take_all_idle_locked(self) -> list[Connection]:
+        idle = list(self.idle_connections)
+        self.idle_connections.clear()
+        self.return_times.clear()
+        for conn in idle:
+            self._forget_locked(conn)
+        return idle
 
     def close(self) -> None:
         """Close the pool: idle connections now, lent ones when they come back.
@@ -671,9 +732,7 @@ class ConnectionPool:
             if self._closed:
                 return
             self._closed = True
-            idle = list(self.idle_connections)
-            self.idle_connections.clear()
-            self.return_times.clear()
+            idle = self._take_all_idle_locked()
             waiters = list(self._waiters)
             self._waiters.clear()
             for waiter in waiters:
@@ -688,15 +747,19 @@ class ConnectionPool:
         """True once `close` was called."""
         return self._closed
 
-    def _check_open_locked(self) -> None:
-        if self._closed:
-            raise PoolClosed(f"pool {self.name!r} is closed")
-
     def __enter__(self) -> ConnectionPool:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def connections_in_use(self) -> weakref.WeakSet[Connection]:
+        """The connections lent and not yet returned, as a weak set (a snapshot)."""
+        with self._lock:
+            conns = self._conns.copy()  # a C-level copy: safe from the garbage collector's removals
+        lent = [ref() for ref, info in conns.items() if info.state is _LENT]
+        return weakref.WeakSet(conn for conn in lent if conn is not None)
 
     def stats(self) -> dict[str, Any]:
         """Return a snapshot: sizes, current counts, and counters that only grow."""
@@ -706,7 +769,7 @@ class ConnectionPool:
                 "minconn": self.minconn,
                 "maxconn": self.maxconn,
                 "idle": len(self.idle_connections),
-                "in_use": len(self.connections_in_use) + len(self._returning),
+                "in_use": len(self._conns) - len(self.idle_connections),
                 "opening": self._pending,
                 "waiting": len(self._waiters),
             }
@@ -716,7 +779,7 @@ class ConnectionPool:
     def __repr__(self) -> str:
         with self._lock:
             idle = len(self.idle_connections)
-            in_use = len(self.connections_in_use) + len(self._returning)
+            in_use = len(self._conns) - idle
             waiting = len(self._waiters)
         state = "closed" if self._closed else "open"
         return (
@@ -748,15 +811,17 @@ class ConnectionPool:
             return None
         now = time.monotonic()
         to_close: list[tuple[Connection, str]] = []
-        leaks: list[tuple[float, list[str] | None]] = []
+        leaks: list[tuple[float, list[str]]] = []
         with self._lock:
-            self._evict_idle_locked(now, to_close)
+            if self.idle_timeout:
+                self._evict_idle_locked(now, to_close)
+            if self.max_lifetime is not None:
+                self._retire_expired_locked(now, to_close)
             self._grant_free_slots_locked()
             refill = self._reserve_refill_locked()
             if self.leak_timeout is not None:
-                for conn in list(self.connections_in_use):
-                    info = self._info.get(conn)
-                    if info is not None and info.stack is not None and now - info.borrowed_at > self.leak_timeout:
+                for info in self._conns.copy().values():
+                    if info.state is _LENT and info.stack is not None and now - info.borrowed_at > self.leak_timeout:
                         leaks.append((now - info.borrowed_at, info.stack))
                         info.stack = None  # report each borrow once
         for held, stack in leaks:
@@ -765,7 +830,7 @@ class ConnectionPool:
                 self.name,
                 held,
                 self.leak_timeout,
-                "".join(stack or ()),
+                "".join(stack),
             )
         for conn, why in to_close:
             self._close_connections([conn], why)
@@ -785,17 +850,16 @@ class ConnectionPool:
     def _after_fork_in_child(self) -> None:
         """Start from zero connections without touching the parent's sessions."""
         self._lock = threading.Lock()
-        inherited = [*self.idle_connections, *self.connections_in_use, *self._returning]
+        inherited = [ref() for ref in self._conns.copy()]
         self.idle_connections.clear()
         self.return_times.clear()
-        self.connections_in_use = weakref.WeakSet()
-        self._returning = set()
+        self._conns.clear()
         self._pending = 0
         self._waiters.clear()
-        self._info = weakref.WeakKeyDictionary()
         self._housekeeper = Housekeeper(self)
         for conn in inherited:
-            _disown(conn)
+            if conn is not None:
+                _disown(conn)
 
 
 def _disown(conn: Connection) -> None:
