@@ -30,11 +30,11 @@ class Housekeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self.started = False  # read without a lock on the getconn path: start() is idempotent
 
-    def ensure_running(self) -> None:
-        if self._thread is not None or self._stop.is_set():
-            return
+    def start(self) -> None:
         with self._start_lock:
+            self.started = True
             if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(
                     target=_run, args=(self._pool, self._stop), name=f"{self._name}-housekeeper", daemon=True

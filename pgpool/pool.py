@@ -298,7 +298,8 @@ class ConnectionPool:
                         exhausted = self._exhausted_message_locked()
             if to_close:
                 self._close_connections(to_close, "idle too long, expired or not idle")
-            self._housekeeper.ensure_running()
+            if not self._housekeeper.started:
+                self._housekeeper.start()
             if found is not None:
                 conn, info = found
                 if self._lendable(conn, info):
@@ -474,14 +475,14 @@ class ConnectionPool:
             info = self._conns.get(key)
             if info is None or info.state is not _LENT:
                 raise PoolError(self._refusal(info))
-            reason = self._return_reason(conn, close)
-            slow = reason is not None or self.reset is not None or info.needs_cleanup(conn)
+            slow = close or conn.closed or self.reset is not None or info.needs_cleanup(conn)
             if slow:
                 info.state = _RETURNING  # still counted, and a second putconn is refused
             else:
                 refill = self._settle_locked(conn, info, None, to_close)  # clean: done in one go
         if slow:
             # Cleanup is network I/O (rollback, reset): outside the lock.
+            reason = self._return_reason(conn, close)
             if reason is None:
                 reason = self._clean(conn, info)
             with self._lock:
@@ -546,7 +547,8 @@ class ConnectionPool:
             self._forget_locked(conn)
             to_close.append((conn, reason))
             self._grant_free_slots_locked()
-        if self.idle_timeout:
+        idle = self.idle_connections
+        if self.idle_timeout and idle and now - self.return_times[idle[0]] > self.idle_timeout:
             self._evict_idle_locked(now, to_close)
         return self._reserve_refill_locked() if to_close else 0
 

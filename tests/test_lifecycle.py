@@ -204,6 +204,7 @@ def borrow_and_forget(pool):
     return pool.getconn()  # the line a leak report must point at
 
 
+@pytest.mark.timing
 def test_a_connection_held_past_leak_timeout_is_reported_once_with_the_borrowing_stack(dsn, caplog):
     caplog.set_level(logging.WARNING, logger="pgpool")
     with ThreadSafeConnectionPool(minconn=0, dsn=dsn, leak_timeout=0.3, name="leaky") as pool:

@@ -175,6 +175,7 @@ def test_a_burst_opens_connections_in_parallel_never_more_than_maxconn(dsn, monk
         assert sessions(expect=4) == 4
 
 
+@pytest.mark.timing
 def test_a_slow_connect_does_not_stall_threads_that_can_use_an_idle_connection(dsn, monkeypatch):
     with ThreadSafeConnectionPool(minconn=1, maxconn=3, timeout=10, dsn=dsn) as pool:
         slow = SlowConnect(1.0)
@@ -205,6 +206,7 @@ def test_connect_error_propagates_without_timeout(dsn):
         assert pool.stats()["opening"] == 0
 
 
+@pytest.mark.timing
 def test_connect_is_retried_with_backoff_until_the_timeout_then_pool_timeout_chains_the_error(dsn):
     with ThreadSafeConnectionPool(minconn=0, dsn=dsn, port=closed_port(), name="down") as pool:
         started = time.monotonic()
