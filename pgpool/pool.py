@@ -220,9 +220,12 @@ class ConnectionPool:
 
         try:
             for _ in range(minconn):
-                conn = self._open_connection()
                 with self._lock:
-                    self._make_idle_locked(conn, time.monotonic())
+                    self._pending += 1
+                conn, info = self._open_connection()
+                with self._lock:
+                    self._adopt_locked(conn, info)
+                    self._make_idle_locked(conn, info, time.monotonic())
         except BaseException:
             self.close()
             raise
@@ -306,7 +309,11 @@ class ConnectionPool:
                     return conn
                 continue
             if waiter is not None:
-                handed = self._wait(waiter, deadline, wait, last_error)
+                try:
+                    handed = self._wait(waiter, deadline, wait, last_error)
+                except BaseException:
+                    self._leave_line(waiter)
+                    raise
                 if handed is not None:
                     conn, info = handed
                     if self._lendable(conn, info):
@@ -316,10 +323,10 @@ class ConnectionPool:
                 raise PoolError(exhausted)
             # We hold a reserved slot: open a connection in it.
             try:
-                conn = self._open_connection()
-            except Exception as exc:
+                conn, info = self._open_connection()
+            except BaseException as exc:
                 self._release_slot()
-                if wait <= 0:
+                if wait <= 0 or not isinstance(exc, Exception):
                     raise
                 last_error = exc
                 remaining = deadline - time.monotonic()
@@ -332,11 +339,11 @@ class ConnectionPool:
                 attempt += 1
                 continue
             with self._lock:
-                self._pending -= 1
                 if not self._closed:
+                    self._adopt_locked(conn, info)
                     self._stats["checkouts"] += 1
                     return conn
-                self._forget_locked(conn)
+                self._pending -= 1
             self._close_connections([conn], "pool closed while connecting")
             raise PoolClosed(f"pool {self.name!r} is closed")
 
@@ -433,6 +440,22 @@ class ConnectionPool:
             raise PoolTimeout(msg) from last_error
         raise PoolTimeout(msg)
 
+    def _leave_line(self, waiter: _Waiter) -> None:
+        """A waiter is leaving abnormally (interrupted, pool closed): give back what it was given."""
+        with self._lock:
+            if not waiter.served():
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                return
+            if waiter.may_connect:
+                self._pending -= 1
+                self._grant_free_slots_locked()
+            elif waiter.conn is not None:
+                info = self._conns.get(weakref.ref(waiter.conn))
+                if info is not None:
+                    self._give_locked(waiter.conn, info, time.monotonic())
+            waiter.conn, waiter.may_connect = None, False
+
     def _timeout_message(self, wait: float, error: Exception | None) -> str:
         with self._lock:
             in_use = len(self._conns) - len(self.idle_connections)
@@ -483,8 +506,14 @@ class ConnectionPool:
         if slow:
             # Cleanup is network I/O (rollback, reset): outside the lock.
             reason = self._return_reason(conn, close)
-            if reason is None:
-                reason = self._clean(conn, info)
+            try:
+                if reason is None:
+                    reason = self._clean(conn, info)
+            except BaseException:  # interrupted (KeyboardInterrupt): drop it, then let it propagate
+                with self._lock:
+                    self._settle_locked(conn, info, "cleanup interrupted", to_close)
+                self._close_connections([c for c, _ in to_close], "cleanup interrupted")
+                raise
             with self._lock:
                 refill = self._settle_locked(conn, info, reason, to_close)
         if to_close:
@@ -561,12 +590,10 @@ class ConnectionPool:
             waiter.conn = conn
             waiter.event.set()
         else:
-            info.state = _IDLE
-            self.return_times[conn] = now
-            self.idle_connections.append(conn)
+            self._make_idle_locked(conn, info, now)
 
-    def _make_idle_locked(self, conn: Connection, now: float) -> None:
-        self._conns[weakref.ref(conn)].state = _IDLE
+    def _make_idle_locked(self, conn: Connection, info: _ConnInfo, now: float) -> None:
+        info.state = _IDLE
         self.return_times[conn] = now
         self.idle_connections.append(conn)
 
@@ -616,18 +643,20 @@ class ConnectionPool:
         """Open `count` connections for minconn; a failure is logged and retried later, never raised."""
         for done in range(count):
             try:
-                conn = self._open_connection()
-            except Exception:
+                conn, info = self._open_connection()
+            except BaseException as exc:
                 for _ in range(count - done):
                     self._release_slot()
+                if not isinstance(exc, Exception):
+                    raise
                 return
             with self._lock:
-                self._pending -= 1
                 closing = self._closed
                 if closing:
-                    self._forget_locked(conn)
+                    self._pending -= 1
                 else:
-                    self._give_locked(conn, self._conns[weakref.ref(conn)], time.monotonic())
+                    self._adopt_locked(conn, info)
+                    self._give_locked(conn, info, time.monotonic())
             if closing:
                 self._close_connections([conn], "pool closed while connecting")
 
@@ -649,11 +678,8 @@ class ConnectionPool:
 
     # -- opening and closing -------------------------------------------------------------------
 
-    def _open_connection(self) -> Connection:
-        """Connect and run the configure hook; the caller holds a slot for it.
-
-        The new connection is registered as lent; the caller makes it idle or keeps it.
-        """
+    def _open_connection(self) -> tuple[Connection, _ConnInfo]:
+        """Connect and run the configure hook; the caller holds a slot for it and adopts the result."""
         try:
             conn: Connection = psycopg2.connect(**self.connect_kwargs)
         except Exception as exc:
@@ -674,11 +700,6 @@ class ConnectionPool:
         if self.max_lifetime is not None:
             expires = time.monotonic() + self.max_lifetime * (1 - _LIFETIME_JITTER * random.random())
         info = _ConnInfo(conn, expires)
-        with self._lock:
-            # The slot moves from _pending to _conns in the caller's critical section; until then
-            # the connection is counted twice, which errs on the side of maxconn.
-            self._conns[weakref.ref(conn, self._collected)] = info
-            self._stats["connections_opened"] += 1
         logger.info(
             "pool %r: opened connection to %s:%s/%s (backend pid %s)",
             self.name,
@@ -687,7 +708,13 @@ class ConnectionPool:
             conn.info.dbname,
             conn.info.backend_pid,
         )
-        return conn
+        return conn, info
+
+    def _adopt_locked(self, conn: Connection, info: _ConnInfo) -> None:
+        """Count a connection just opened: its reserved slot becomes a real one (state: lent)."""
+        self._pending -= 1
+        self._conns[weakref.ref(conn, self._collected)] = info
+        self._stats["connections_opened"] += 1
 
     def _close_connections(self, conns: list[Connection], reason: str) -> None:
         if not conns:

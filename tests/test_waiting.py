@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import threading
 import time
 
@@ -234,3 +235,46 @@ def test_getconn_waits_through_a_server_restart(embedded, dsn):
             if not embedded.is_running():
                 embedded.start()
         assert pool.stats()["connect_errors"] >= 1
+
+
+# -- interrupted threads ---------------------------------------------------------------------------
+
+
+def test_a_waiter_interrupted_by_keyboard_interrupt_leaves_the_line_and_loses_nothing(dsn):
+    with ThreadSafeConnectionPool(minconn=0, maxconn=1, timeout=10, dsn=dsn) as pool:
+        held = pool.getconn()
+        interrupter = threading.Timer(0.1, _thread.interrupt_main)
+        interrupter.start()
+        with pytest.raises(KeyboardInterrupt):
+            pool.getconn()
+        interrupter.join(timeout=5)
+        assert pool.stats()["waiting"] == 0
+        pool.putconn(held)
+        assert pool.getconn(timeout=0) is held  # not handed to the waiter that left
+
+
+def test_a_connect_interrupted_by_keyboard_interrupt_gives_its_slot_back(dsn, monkeypatch):
+    real_connect = psycopg2.connect
+    with ThreadSafeConnectionPool(minconn=0, maxconn=1, dsn=dsn) as pool:
+
+        def interrupted(**kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(psycopg2, "connect", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            pool.getconn()
+        assert pool.stats()["opening"] == 0
+        monkeypatch.setattr(psycopg2, "connect", real_connect)
+        pool.putconn(pool.getconn())
+
+
+def test_a_cleanup_interrupted_by_keyboard_interrupt_discards_the_connection(dsn):
+    def reset(conn):
+        raise KeyboardInterrupt
+
+    with ThreadSafeConnectionPool(minconn=0, maxconn=1, dsn=dsn, reset=reset) as pool:
+        conn = pool.getconn()
+        with pytest.raises(KeyboardInterrupt):
+            pool.putconn(conn)
+        assert conn.closed
+        assert pool.stats()["in_use"] == 0
