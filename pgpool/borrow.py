@@ -52,21 +52,39 @@ def current(pool: ConnectionPool) -> Borrow | None:
     return pool._borrow.get()
 
 
-@contextlib.contextmanager
-def connection(pool: ConnectionPool, timeout: float | None = None) -> Iterator[Connection]:
-    joined = pool._borrow.get()
-    if joined is not None:
-        yield joined.conn
-        return
-    conn = pool.getconn(timeout)
-    try:
-        token = pool._borrow.set(Borrow(conn, in_transaction=False))
+class ConnectionBorrow:
+    """``with pool.connection() as conn``: a class, not a generator, to keep the borrow cheap."""
+
+    __slots__ = ("_conn", "_pool", "_timeout", "_token")
+
+    def __init__(self, pool: ConnectionPool, timeout: float | None = None) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._conn: Connection | None = None
+
+    def __enter__(self) -> Connection:
+        pool = self._pool
+        joined = pool._borrow.get()
+        if joined is not None:
+            return joined.conn  # nested: the outer borrow returns it
+        conn = pool.getconn(self._timeout)
         try:
-            yield conn
+            self._token = pool._borrow.set(Borrow(conn, in_transaction=False))
+        except BaseException:
+            pool.putconn(conn)
+            raise
+        self._conn = conn
+        return conn
+
+    def __exit__(self, *exc_info: object) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        self._conn = None
+        try:
+            self._pool._borrow.reset(self._token)
         finally:
-            pool._borrow.reset(token)
-    finally:
-        pool.putconn(conn)
+            self._pool.putconn(conn)
 
 
 @contextlib.contextmanager

@@ -113,18 +113,40 @@ class _ConnInfo:
 
 
 class _Waiter:
-    """A thread queued in `getconn`; whoever serves it sets exactly one of its outcomes."""
+    """A thread queued in `getconn`; whoever serves it sets exactly one of its outcomes.
 
-    __slots__ = ("conn", "error", "event", "may_connect")
+    It sleeps on a plain lock rather than a `threading.Event`: waking it is then one C call, which
+    matters when every returned connection wakes a waiter. `wake` and `rearm` run under the pool's
+    lock, so no wake-up is lost between a check and a sleep.
+    """
+
+    __slots__ = ("_signal", "_signaled", "conn", "error", "may_connect", "since")
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        self.since = time.monotonic()  # when it joined the line
         self.conn: Connection | None = None  # a connection handed over, already marked lent
         self.may_connect = False  # a slot reserved for it: it opens its own connection
         self.error: PoolError | None = None
+        self._signal = threading.Lock()  # released to wake the waiter
+        self._signal.acquire()
+        self._signaled = False
 
     def served(self) -> bool:
         return self.conn is not None or self.may_connect or self.error is not None
+
+    def wake(self) -> None:
+        if not self._signaled:
+            self._signaled = True
+            self._signal.release()
+
+    def sleep(self, timeout: float) -> None:
+        self._signal.acquire(timeout=timeout)
+
+    def rearm(self) -> None:
+        """Make the next `sleep` block again (after a wake-up that did not serve this waiter)."""
+        if self._signaled:
+            self._signal.acquire(blocking=False)  # consume the wake-up if sleep did not
+            self._signaled = False
 
 
 def _check_hook(name: str, hook: object) -> None:
@@ -411,27 +433,29 @@ class ConnectionPool:
         self, waiter: _Waiter, deadline: float, wait: float, last_error: Exception | None
     ) -> tuple[Connection, _ConnInfo] | None:
         """Wait in line; return a connection handed over, or None when a slot was reserved for us."""
-        started = time.monotonic()
         while True:
             remaining = deadline - time.monotonic()
             if remaining > 0:
-                waiter.event.wait(min(remaining, _WAIT_SLICE))
+                waiter.sleep(min(remaining, _WAIT_SLICE))
             with self._lock:
-                if not waiter.served():
-                    if remaining > 0:
-                        # A leaked connection may have been garbage collected, freeing its slot.
-                        self._grant_free_slots_locked()
-                    else:
+                if not waiter.served() and remaining > 0:
+                    # A leaked connection may have been garbage collected, freeing its slot.
+                    self._grant_free_slots_locked()
+                served = waiter.served()
+                if served or remaining <= 0:
+                    self._stats["wait_ms_total"] += int((time.monotonic() - waiter.since) * 1000)
+                    if not served:
                         self._waiters.remove(waiter)
                         self._stats["timeouts"] += 1
-                self._stats["wait_ms_total"] += int((time.monotonic() - started) * 1000)
-                # Whatever the clock says, a waiter that was served keeps what it was given.
-                if waiter.served():
-                    if waiter.error is not None:
-                        raise waiter.error
-                    if waiter.conn is None:
-                        return None
-                    return waiter.conn, self._conns[weakref.ref(waiter.conn)]
+                else:
+                    waiter.rearm()
+            # Whatever the clock says, a waiter that was served keeps what it was given.
+            if served:
+                if waiter.error is not None:
+                    raise waiter.error
+                if waiter.conn is None:
+                    return None
+                return waiter.conn, self._conns[weakref.ref(waiter.conn)]
             if remaining <= 0:
                 break
         msg = self._timeout_message(wait, last_error)
@@ -584,11 +608,13 @@ class ConnectionPool:
     def _give_locked(self, conn: Connection, info: _ConnInfo, now: float) -> None:
         """Hand a usable connection to the oldest waiter, or make it idle."""
         if self._waiters:
+            # First come, first served: never to whichever thread takes the lock next, though
+            # that would be faster (see bench/NOTES.md).
             waiter = self._waiters.popleft()
             info.state = _LENT
             self._stats["checkouts"] += 1
             waiter.conn = conn
-            waiter.event.set()
+            waiter.wake()
         else:
             self._make_idle_locked(conn, info, now)
 
@@ -628,7 +654,7 @@ class ConnectionPool:
             waiter = self._waiters.popleft()
             self._pending += 1
             waiter.may_connect = True
-            waiter.event.set()
+            waiter.wake()
 
     def _reserve_refill_locked(self) -> int:
         if self._closed:
@@ -766,7 +792,7 @@ class ConnectionPool:
             self._waiters.clear()
             for waiter in waiters:
                 waiter.error = PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
-                waiter.event.set()
+                waiter.wake()
         self._housekeeper.stop()
         self._close_connections(idle, "pool closed")
         logger.info("pool %r: closed", self.name)
@@ -823,7 +849,7 @@ class ConnectionPool:
 
         Inside another borrow from this pool in the same context, joins that borrow's connection.
         """
-        return borrow.connection(self, timeout)
+        return borrow.ConnectionBorrow(self, timeout)
 
     def transaction(self, timeout: float | None = None) -> AbstractContextManager[Connection]:
         """Borrow a connection in a transaction: committed if the block ends normally, else rolled back.
