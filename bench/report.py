@@ -51,7 +51,7 @@ def fmt(triple: tuple[float, float, float] | None, digits: int = 1) -> str:
     med, lo, hi = triple
     if math.isinf(med):
         return "never"
-    return f"{med:,.{digits}f} ({lo:,.{digits}f}–{hi:,.{digits}f})"
+    return f"{med:,.{digits}f} ({lo:,.{digits}f} to {hi:,.{digits}f})"
 
 
 def ratio(value: float, reference: float) -> str:
@@ -88,7 +88,9 @@ def verdicts(results: dict[str, Any]) -> list[str]:
     burst = results["cold_burst"]
     limit = 3 * burst["delay_ms"] / 1000
     seconds = burst[PGPOOL]["seconds"][0]
-    lines.append(_line(seconds <= limit, f"cold burst {seconds * 1000:.0f} ms <= 3x one connect ({limit * 1000:.0f} ms)"))
+    lines.append(
+        _line(seconds <= limit, f"cold burst {seconds * 1000:.0f} ms <= 3x one connect ({limit * 1000:.0f} ms)")
+    )
     rec = results.get("recovery")
     if rec:
         for name in (PGPOOL, "pgpool check=check_connection"):
@@ -105,7 +107,7 @@ def _line(ok: bool, text: str) -> str:
 def markdown(results: dict[str, Any]) -> str:
     env = results["environment"]
     out = [f"# pgpool benchmark ({results['mode']} run)", ""]
-    out += ["Each number is the median of the repeated measurements, with min–max in parentheses.", ""]
+    out += ["Each number is the median of the repeated measurements, with min to max in parentheses.", ""]
     out += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in env.items()] + [""]
 
     out += ["## Targets", "", "```", *results["verdicts"], "```", ""]
@@ -189,7 +191,12 @@ def chart(results: dict[str, Any], path: Path) -> None:
     rec = results.get("recovery")
     if rec:
         values = {k: (v["recovery_s"] if not math.isinf(v["recovery_s"]) else float("nan")) for k, v in rec.items()}
-        _bars(axes[1][2], values, "recovery after restart, s (lower is better; blank: never)")
+        labels = [
+            ("never" if math.isinf(v["recovery_s"]) else f"{v['recovery_s']:.2f} s")
+            + f", {v['errors_after_back']} errors"
+            for v in rec.values()
+        ]
+        _bars(axes[1][2], values, "recovery after restart: time, errors after (lower is better)", labels)
     else:
         axes[1][2].set_axis_off()
     fig.suptitle(f"pgpool benchmark ({results['mode']} run) — {results['environment']['machine']}")
@@ -198,10 +205,21 @@ def chart(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _bars(ax: Any, values: dict[str, float], title: str) -> None:
+_PEER_COLORS = ["tab:blue", "tab:orange", "tab:red", "tab:purple", "tab:brown", "tab:olive", "tab:cyan"]
+
+
+def _color(name: str, index: int) -> str:
+    if name.startswith(PGPOOL):
+        return "tab:green"
+    if name.startswith(("ideal", "no pool")):
+        return "dimgray"
+    return _PEER_COLORS[index % len(_PEER_COLORS)]
+
+
+def _bars(ax: Any, values: dict[str, float], title: str, labels: list[str] | None = None) -> None:
     names = list(values)
-    colors = ["tab:green" if n.startswith(PGPOOL) else "tab:gray" for n in names]
-    ax.barh(names, [values[n] for n in names], color=colors)
+    bars = ax.barh(names, [values[n] for n in names], color=[_color(n, i) for i, n in enumerate(names)])
+    ax.bar_label(bars, labels=labels or [f"{values[n]:,.3g}" for n in names], fontsize=7, padding=2)
     ax.invert_yaxis()
     ax.set_title(title, fontsize=10)
     ax.tick_params(labelsize=8)
@@ -216,7 +234,7 @@ def _grouped(ax: Any, contention: dict[str, dict[str, Any]], metric: str, title:
     for i, name in enumerate(names):
         ys = [(contention[k].get(name) or {}).get(metric, (float("nan"),))[0] for k in keys]
         xs = [j + i * width for j in range(len(keys))]
-        ax.bar(xs, ys, width, label=name, color=None if not name.startswith(PGPOOL) else "tab:green")
+        ax.bar(xs, ys, width, label=name, color=_color(name, i))
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys, fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
