@@ -535,7 +535,8 @@ class ConnectionPool:
                     reason = self._clean(conn, info)
             except BaseException:  # interrupted (KeyboardInterrupt): drop it, then let it propagate
                 with self._lock:
-                    self._settle_locked(conn, info, "cleanup interrupted", to_close)
+                    # No refill while an interruption propagates: the housekeeper will do it.
+                    self._pending -= self._settle_locked(conn, info, "cleanup interrupted", to_close)
                 self._close_connections([c for c, _ in to_close], "cleanup interrupted")
                 raise
             with self._lock:
@@ -867,13 +868,14 @@ class ConnectionPool:
         now = time.monotonic()
         to_close: list[tuple[Connection, str]] = []
         leaks: list[tuple[float, list[str]]] = []
+        refill = self._recheck_signalled_idle(to_close)
         with self._lock:
             if self.idle_timeout:
                 self._evict_idle_locked(now, to_close)
             if self.max_lifetime is not None:
                 self._retire_expired_locked(now, to_close)
             self._grant_free_slots_locked()
-            refill = self._reserve_refill_locked()
+            refill += self._reserve_refill_locked()
             if self.leak_timeout is not None:
                 for info in self._conns.copy().values():
                     if info.state is _LENT and info.stack is not None and now - info.borrowed_at > self.leak_timeout:
@@ -891,6 +893,37 @@ class ConnectionPool:
             self._close_connections([conn], why)
         self._refill(refill)
         return self._housekeeping_interval()
+
+    def _recheck_signalled_idle(self, to_close: list[tuple[Connection, str]]) -> int:
+        """Check for real the idle connections the server sent something to, and drop dead ones.
+
+        So that after a restart or pg_terminate_backend the pool replaces its connections by itself,
+        not only when a borrower happens to pick them. A notification also makes a socket readable:
+        only a round trip tells, and it runs outside the lock on connections taken out of the idle list.
+        """
+        with self._lock:
+            idle = [(conn, self._conns[weakref.ref(conn)]) for conn in self.idle_connections]
+        signalled = [(conn, info) for conn, info in idle if info.probe.poll(0)]
+        if not signalled:
+            return 0
+        taken = []
+        with self._lock:
+            for conn, info in signalled:
+                if info.state is _IDLE:  # nobody took it meanwhile
+                    self.idle_connections.remove(conn)
+                    del self.return_times[conn]
+                    info.state = _RETURNING
+                    taken.append((conn, info))
+        refill = 0
+        for conn, info in taken:
+            reason = None
+            try:
+                check_connection(conn)
+            except Exception as exc:
+                reason = f"broken: closed by the server while idle ({self._redact(str(exc).strip())})"
+            with self._lock:
+                refill += self._settle_locked(conn, info, reason, to_close)
+        return refill
 
     def _housekeeping_interval(self) -> float:
         intervals = [5.0]

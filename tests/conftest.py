@@ -59,19 +59,26 @@ def admin(base_dsn: str) -> Iterator[psycopg2.extensions.connection]:
 
 
 @pytest.fixture
-def sessions(admin: psycopg2.extensions.connection, app_name: str):
+def sessions(base_dsn: str, app_name: str):
     """sessions() -> how many server sessions this test's pools have open right now.
 
     sessions(expect=n) polls for up to 5 s until the count is n: a backend needs a moment to exit
-    after its client closed the connection.
+    after its client closed the connection. Each call connects afresh, so it survives a restart.
     """
+
+    def current() -> int:
+        conn = psycopg2.connect(base_dsn, application_name="pgpool-test-counter")
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app_name,))
+                return int(cur.fetchone()[0])
+        finally:
+            conn.close()
 
     def count(expect: int | None = None) -> int:
         deadline = time.monotonic() + 5
         while True:
-            with admin.cursor() as cur:
-                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app_name,))
-                found = int(cur.fetchone()[0])
+            found = current()
             if expect is None or found == expect or time.monotonic() > deadline:
                 return found
             time.sleep(0.02)

@@ -97,6 +97,8 @@ def test_constructor_closes_what_it_opened_when_a_connect_fails(dsn, sessions, m
     monkeypatch.setattr(psycopg2, "connect", connect_twice)
     with pytest.raises(psycopg2.OperationalError):
         ThreadSafeConnectionPool(minconn=3, dsn=dsn)
+    monkeypatch.undo()
+    assert len(calls) == 3
     assert sessions(expect=0) == 0
 
 

@@ -1,0 +1,92 @@
+"""A server refusing connections: psycopg2's error reaches the caller and no slot is lost."""
+
+from __future__ import annotations
+
+import psycopg2
+import psycopg2.extensions
+import pytest
+
+from pgpool import PoolTimeout, ThreadSafeConnectionPool
+
+pytestmark = pytest.mark.faults
+
+
+def assert_no_slot_lost(pool) -> None:
+    stats = pool.stats()
+    assert stats["opening"] == 0 and stats["in_use"] == 0 and stats["waiting"] == 0, stats
+
+
+@pytest.fixture
+def limited_role(admin):
+    """A role allowed one session: its second connect is refused by the server."""
+    name = "pgpool_limited"
+    with admin.cursor() as cur:
+        cur.execute(f"DROP ROLE IF EXISTS {name}")
+        cur.execute(f"CREATE ROLE {name} LOGIN CONNECTION LIMIT 1")
+    yield name
+    with admin.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,))
+        cur.execute(f"DROP ROLE {name}")
+
+
+def test_connection_limit_reached_reaches_the_caller_and_loses_no_slot(dsn, limited_role):
+    with ThreadSafeConnectionPool(minconn=0, maxconn=3, dsn=dsn, user=limited_role) as pool:
+        first = pool.getconn()
+        for _ in range(3):
+            with pytest.raises(psycopg2.OperationalError, match="too many connections for role"):
+                pool.getconn()
+        assert pool.stats()["opening"] == 0 and pool.stats()["in_use"] == 1
+        pool.putconn(first)
+        assert_no_slot_lost(pool)
+        assert pool.getconn() is first
+
+
+def test_a_missing_database_reaches_the_caller_and_loses_no_slot(dsn):
+    with ThreadSafeConnectionPool(minconn=0, maxconn=1, dsn=dsn, dbname="pgpool_no_such_db") as pool:
+        for _ in range(3):
+            with pytest.raises(psycopg2.OperationalError, match='database "pgpool_no_such_db" does not exist'):
+                pool.getconn()
+        assert_no_slot_lost(pool)
+        assert pool.stats()["connect_errors"] == 3
+
+
+def test_a_refused_connect_with_a_timeout_becomes_a_pool_timeout_with_the_cause(dsn):
+    with ThreadSafeConnectionPool(minconn=0, maxconn=1, dsn=dsn, dbname="pgpool_no_such_db") as pool:
+        with pytest.raises(PoolTimeout, match="does not exist") as info:
+            pool.getconn(timeout=0.3)
+        assert isinstance(info.value.__cause__, psycopg2.OperationalError)
+        assert_no_slot_lost(pool)
+
+
+@pytest.fixture
+def password_role(embedded, admin):
+    """A role that must give a password, on the embedded server (whose other roles are trusted)."""
+    name = "pgpool_pw"
+    hba = embedded.pgdata / "pg_hba.conf"
+    original = hba.read_text()
+    hba.write_text(f"host all {name} 127.0.0.1/32 scram-sha-256\n" + original)
+    with admin.cursor() as cur:
+        cur.execute("SELECT pg_reload_conf()")
+        cur.execute(f"DROP ROLE IF EXISTS {name}")
+        cur.execute(f"CREATE ROLE {name} LOGIN PASSWORD 'right-password'")
+    yield name
+    hba.write_text(original)
+    with admin.cursor() as cur:
+        cur.execute("SELECT pg_reload_conf()")
+        cur.execute(f"DROP ROLE {name}")
+
+
+@pytest.mark.embedded
+def test_a_wrong_password_reaches_the_caller_masked_and_loses_no_slot(dsn, password_role, caplog):
+    with ThreadSafeConnectionPool(minconn=0, maxconn=1, dsn=dsn, user=password_role, password="wrong-password") as pool:
+        with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+            pool.getconn()
+        with pytest.raises(PoolTimeout, match="password authentication failed") as info:
+            pool.getconn(timeout=0.2)
+        assert "wrong-password" not in str(info.value)
+        assert "wrong-password" not in caplog.text
+        assert_no_slot_lost(pool)
+        pool.connect_kwargs["password"] = "right-password"
+        with pool.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT current_user")
+            assert cur.fetchone()[0] == password_role
