@@ -909,7 +909,7 @@ class ConnectionPool:
         taken = []
         with self._lock:
             for conn, info in signalled:
-                if info.state is _IDLE:  # nobody took it meanwhile
+                if conn in self.return_times:  # still idle: not taken, evicted or cleared meanwhile
                     self.idle_connections.remove(conn)
                     del self.return_times[conn]
                     info.state = _RETURNING

@@ -23,6 +23,17 @@ from .embedded_pg import EmbeddedPostgres
 _app_names = itertools.count(1)
 
 
+_SESSION_FIXTURES = {"sessions", "terminate", "embedded"}
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Behind PgBouncer, skip what counts, ends or relies on server sessions: PgBouncer shares them."""
+    if not os.environ.get("PGPOOL_BEHIND_PGBOUNCER"):
+        return
+    if _SESSION_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("needs_session"):
+        pytest.skip("relies on one server session per connection, which PgBouncer's transaction mode breaks")
+
+
 @pytest.fixture(scope="session")
 def server() -> Iterator[EmbeddedPostgres | None]:
     """The embedded server, or None when PGPOOL_TEST_DSN names another one."""

@@ -10,6 +10,8 @@ import pytest
 
 from pgpool import ConnectionPool, PoolError, ThreadSafeConnectionPool
 
+pytestmark = pytest.mark.pgbouncer
+
 
 @pytest.fixture
 def table(admin):

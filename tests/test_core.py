@@ -15,6 +15,8 @@ from pgpool import PoolError, ThreadSafeConnectionPool
 
 from .helpers import closed_port
 
+pytestmark = pytest.mark.pgbouncer
+
 # -- construction and attributes -------------------------------------------------------------------
 
 

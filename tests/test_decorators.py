@@ -10,6 +10,8 @@ import pytest
 
 from pgpool import ConnectionPool, PoolError, ThreadSafeConnectionPool, with_connection, with_transaction
 
+pytestmark = pytest.mark.pgbouncer
+
 
 @pytest.fixture
 def pool(dsn):

@@ -11,6 +11,8 @@ import pytest
 import pgpool
 from pgpool import ThreadSafeConnectionPool
 
+pytestmark = pytest.mark.pgbouncer
+
 
 def backend_pid(conn) -> int:
     with conn.cursor() as cur:
@@ -38,6 +40,7 @@ def test_getconn_replaces_an_idle_connection_the_server_terminated(pool_cls, dsn
         assert pool.stats()["broken_discarded"] == 1
 
 
+@pytest.mark.needs_session
 def test_probe_keeps_a_healthy_connection_that_received_a_notification(pool_cls, dsn, admin):
     """A readable socket is not always a dead one: the real check tells them apart."""
     with pool_cls(minconn=0, dsn=dsn) as pool:

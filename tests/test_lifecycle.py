@@ -13,6 +13,8 @@ from pgpool import ConnectionPool, PoolClosed, PoolError, PoolTimeout, ThreadSaf
 
 from .helpers import closed_port, join_all
 
+pytestmark = pytest.mark.pgbouncer
+
 
 def wait_until(predicate, timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout

@@ -13,6 +13,8 @@ from pgpool import ConnectionPool, PoolTimeout, ThreadSafeConnectionPool
 
 from .helpers import closed_port, join_all
 
+pytestmark = pytest.mark.pgbouncer
+
 
 def test_getconn_waits_for_a_connection_to_come_back(dsn):
     with ThreadSafeConnectionPool(minconn=0, maxconn=1, timeout=10, dsn=dsn) as pool:
