@@ -197,6 +197,19 @@ def test_putconn_rolls_back_what_the_borrower_did_not_commit(pool_cls, dsn, admi
         assert pool.idle_connections[-1] is conn
 
 
+def test_putconn_of_a_connection_in_a_failed_transaction_rolls_back_and_keeps_it(pool_cls, dsn):
+    with pool_cls(minconn=0, maxconn=1, dsn=dsn) as pool:
+        conn = pool.getconn()
+        with pytest.raises(psycopg2.DataError):
+            conn.cursor().execute("SELECT 1/0")
+        assert conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_INERROR
+        pool.putconn(conn)
+        assert conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        assert list(pool.idle_connections) == [conn]
+        with pool.connection() as again, again.cursor() as cur:
+            cur.execute("SELECT 1")
+
+
 def test_putconn_discards_a_broken_connection_and_frees_its_slot(pool_cls, dsn, terminate):
     with pool_cls(minconn=0, maxconn=1, dsn=dsn) as pool:
         conn = pool.getconn()
