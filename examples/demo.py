@@ -37,9 +37,10 @@ def create_schema(conn) -> None:
 @with_transaction(get_pool)
 def transfer(source: int, target: int, amount: int, conn) -> None:
     """Move money; the CHECK constraint makes some transfers fail, and those roll back whole."""
+    changes = sorted([(source, -amount), (target, amount)])  # rows locked in id order: no deadlocks
     with conn.cursor() as cur:
-        cur.execute("UPDATE demo_accounts SET balance = balance + %s WHERE id = %s", (amount, target))
-        cur.execute("UPDATE demo_accounts SET balance = balance - %s WHERE id = %s", (amount, source))
+        for account, delta in changes:
+            cur.execute("UPDATE demo_accounts SET balance = balance + %s WHERE id = %s", (delta, account))
 
 
 @with_connection(get_pool)

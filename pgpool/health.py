@@ -46,6 +46,18 @@ def reset_session(conn: Connection) -> None:
             conn.autocommit = autocommit
 
 
+def socket_readable(conn: Connection) -> bool:
+    """Tell whether the server sent anything to `conn`, with a poller of its own.
+
+    For the housekeeper: a connection's cached probe belongs to whoever holds the connection, and a
+    ``select.poll`` object refuses to be polled from two threads at once.
+    """
+    try:
+        return bool(socket_probe(conn).poll(0))
+    except (OSError, ValueError, psycopg2.Error):
+        return True  # no usable socket: as good as closed
+
+
 def socket_probe(conn: Connection) -> select.poll:
     """Make a poller telling, without a round trip, whether the server sent anything to `conn`.
 

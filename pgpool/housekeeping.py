@@ -28,6 +28,7 @@ class Housekeeper:
         self._pool = weakref.ref(pool)
         self._name = pool.name
         self._stop = threading.Event()
+        self._wake = threading.Event()  # run a round now rather than at the next interval
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self.started = False  # read without a lock on the getconn path: start() is idempotent
@@ -37,20 +38,32 @@ class Housekeeper:
             self.started = True
             if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(
-                    target=_run, args=(self._pool, self._stop), name=f"{self._name}-housekeeper", daemon=True
+                    target=_run,
+                    args=(self._pool, self._stop, self._wake),
+                    name=f"{self._name}-housekeeper",
+                    daemon=True,
                 )
                 self._thread.start()
 
+    def kick(self) -> None:
+        """Ask for a round of housekeeping now (e.g. to refill minconn after clear())."""
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(_JOIN_TIMEOUT)
 
 
-def _run(pool_ref: weakref.ref[ConnectionPool], stop: threading.Event) -> None:
+def _run(pool_ref: weakref.ref[ConnectionPool], stop: threading.Event, wake: threading.Event) -> None:
     delay = 0.0
-    while not stop.wait(delay):
+    while True:
+        wake.wait(delay)
+        wake.clear()
+        if stop.is_set():
+            return
         pool = pool_ref()
         if pool is None:
             return

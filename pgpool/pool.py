@@ -26,7 +26,7 @@ import psycopg2.extensions
 from . import borrow
 from ._secrets import find_secrets, redact
 from .errors import PoolClosed, PoolError, PoolTimeout
-from .health import check_connection, socket_probe
+from .health import check_connection, socket_probe, socket_readable
 from .housekeeping import Housekeeper
 
 __all__ = ["ConnectionPool", "ThreadSafeConnectionPool"]
@@ -764,11 +764,12 @@ class ConnectionPool:
         """Close every idle connection, whatever `minconn` and `idle_timeout` say.
 
         Useful after a burst of activity followed by a long quiet period. Lent connections are not
-        touched; the pool reopens connections as needed.
+        touched; the housekeeper then reopens `minconn` connections in the background.
         """
         with self._lock:
             idle = self._take_all_idle_locked()
         self._close_connections(idle, "cleared")
+        self._housekeeper.kick()  # it reopens minconn connections in the background
 
     def _take_all_idle_locked(self) -> list[Connection]:
         idle = list(self.idle_connections)
@@ -903,7 +904,7 @@ class ConnectionPool:
         """
         with self._lock:
             idle = [(conn, self._conns[weakref.ref(conn)]) for conn in self.idle_connections]
-        signalled = [(conn, info) for conn, info in idle if info.probe.poll(0)]
+        signalled = [(conn, info) for conn, info in idle if socket_readable(conn)]
         if not signalled:
             return 0
         taken = []

@@ -98,6 +98,17 @@ def sessions(base_dsn: str, app_name: str):
 
 
 @pytest.fixture
+def table(admin: psycopg2.extensions.connection) -> Iterator[str]:
+    """A fresh table (v int) for the test, dropped afterwards."""
+    name = f"pgpool_t_{time.monotonic_ns()}"
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE TABLE {name} (v int)")
+    yield name
+    with admin.cursor() as cur:
+        cur.execute(f"DROP TABLE {name}")
+
+
+@pytest.fixture
 def terminate(admin: psycopg2.extensions.connection):
     """terminate(conn): end conn's server session, as a restart or an administrator would."""
 

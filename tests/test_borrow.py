@@ -10,23 +10,9 @@ import pytest
 
 from pgpool import ConnectionPool, PoolError, ThreadSafeConnectionPool
 
+from .helpers import rows
+
 pytestmark = pytest.mark.pgbouncer
-
-
-@pytest.fixture
-def table(admin):
-    name = f"pgpool_b_{time.monotonic_ns()}"
-    with admin.cursor() as cur:
-        cur.execute(f"CREATE TABLE {name} (v int)")
-    yield name
-    with admin.cursor() as cur:
-        cur.execute(f"DROP TABLE {name}")
-
-
-def rows(admin, table) -> list[int]:
-    with admin.cursor() as cur:
-        cur.execute(f"SELECT v FROM {table} ORDER BY v")
-        return [r[0] for r in cur.fetchall()]
 
 
 def insert(conn, table, value) -> None:

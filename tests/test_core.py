@@ -13,7 +13,7 @@ import pytest
 import pgpool
 from pgpool import PoolError, ThreadSafeConnectionPool
 
-from .helpers import closed_port
+from .helpers import closed_port, rows
 
 pytestmark = pytest.mark.pgbouncer
 
@@ -171,29 +171,13 @@ def test_getconn_skips_and_closes_an_idle_connection_that_is_in_a_transaction(po
 # -- putconn ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def table(admin):
-    name = f"pgpool_t_{time.monotonic_ns()}"
-    with admin.cursor() as cur:
-        cur.execute(f"CREATE TABLE {name} (v int)")
-    yield name
-    with admin.cursor() as cur:
-        cur.execute(f"DROP TABLE {name}")
-
-
-def count_rows(admin, table) -> int:
-    with admin.cursor() as cur:
-        cur.execute(f"SELECT count(*) FROM {table}")
-        return int(cur.fetchone()[0])
-
-
 def test_putconn_rolls_back_what_the_borrower_did_not_commit(pool_cls, dsn, admin, table):
     with pool_cls(minconn=0, dsn=dsn) as pool:
         conn = pool.getconn()
         conn.cursor().execute(f"INSERT INTO {table} VALUES (1)")
         pool.putconn(conn)
         assert conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
-        assert count_rows(admin, table) == 0
+        assert rows(admin, table) == []
         assert pool.idle_connections[-1] is conn
 
 
@@ -334,9 +318,12 @@ def test_putconn_succeeds_when_the_minconn_refill_fails_and_retries_later(pool_c
 
 
 def test_clear_closes_every_idle_connection(pool_cls, dsn, sessions):
-    with pool_cls(minconn=3, dsn=dsn) as pool:
-        lent = pool.getconn()
+    with pool_cls(minconn=0, dsn=dsn) as pool:  # minconn=0: the housekeeper does not refill
+        lent, *others = [pool.getconn() for _ in range(3)]
+        for conn in others:
+            pool.putconn(conn)
         idle = list(pool.idle_connections)
+        assert len(idle) == 2
         pool.clear()
         assert all(c.closed for c in idle)
         assert not pool.idle_connections

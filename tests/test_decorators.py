@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import inspect
-import time
 
 import psycopg2
 import pytest
 
 from pgpool import ConnectionPool, PoolError, ThreadSafeConnectionPool, with_connection, with_transaction
+
+from .helpers import rows
 
 pytestmark = pytest.mark.pgbouncer
 
@@ -17,22 +18,6 @@ pytestmark = pytest.mark.pgbouncer
 def pool(dsn):
     with ThreadSafeConnectionPool(minconn=0, maxconn=2, dsn=dsn) as p:
         yield p
-
-
-@pytest.fixture
-def table(admin):
-    name = f"pgpool_d_{time.monotonic_ns()}"
-    with admin.cursor() as cur:
-        cur.execute(f"CREATE TABLE {name} (v int)")
-    yield name
-    with admin.cursor() as cur:
-        cur.execute(f"DROP TABLE {name}")
-
-
-def rows(admin, table) -> list[int]:
-    with admin.cursor() as cur:
-        cur.execute(f"SELECT v FROM {table} ORDER BY v")
-        return [r[0] for r in cur.fetchall()]
 
 
 def backend_pid(conn) -> int:

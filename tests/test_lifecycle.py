@@ -11,18 +11,9 @@ import pytest
 
 from pgpool import ConnectionPool, PoolClosed, PoolError, PoolTimeout, ThreadSafeConnectionPool
 
-from .helpers import closed_port, join_all
+from .helpers import closed_port, join_all, wait_until
 
 pytestmark = pytest.mark.pgbouncer
-
-
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 # -- close -----------------------------------------------------------------------------------------

@@ -9,18 +9,9 @@ import pytest
 
 from pgpool import ThreadSafeConnectionPool
 
-from ..helpers import join_all
+from ..helpers import join_all, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.embedded]
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_after_a_restart_while_idle_the_pool_returns_to_minconn_by_itself(embedded, dsn, sessions):
@@ -29,7 +20,7 @@ def test_after_a_restart_while_idle_the_pool_returns_to_minconn_by_itself(embedd
         old = list(pool.idle_connections)
         embedded.restart()
         # Nobody borrows: the housekeeper notices the dead idle connections and replaces them.
-        assert wait_for(lambda: sessions() == 3 and not set(pool.idle_connections) & set(old))
+        assert wait_until(lambda: sessions() == 3 and not set(pool.idle_connections) & set(old), timeout=10)
         assert all(c.closed for c in old)
         for _ in range(5):
             with pool.connection() as conn, conn.cursor() as cur:
