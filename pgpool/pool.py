@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import random
 import threading
 import time
@@ -23,10 +22,11 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from . import borrow
+from . import _fork, borrow
+from ._records import IDLE, LENT, RETURNING, ConnInfo, Waiter
 from ._secrets import find_secrets, redact
 from .errors import PoolClosed, PoolError, PoolTimeout
-from .health import check_connection, socket_probe, socket_readable
+from .health import check_connection, socket_readable
 from .housekeeping import Housekeeper
 
 __all__ = ["ConnectionPool", "ThreadSafeConnectionPool"]
@@ -39,17 +39,9 @@ logger = logging.getLogger("pgpool")
 _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _STATUS_ACTIVE = psycopg2.extensions.TRANSACTION_STATUS_ACTIVE
 _STATUS_UNKNOWN = psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN
-_STATUS_NAMES = {
-    psycopg2.extensions.TRANSACTION_STATUS_IDLE: "IDLE",
-    psycopg2.extensions.TRANSACTION_STATUS_ACTIVE: "ACTIVE",
-    psycopg2.extensions.TRANSACTION_STATUS_INTRANS: "INTRANS",
-    psycopg2.extensions.TRANSACTION_STATUS_INERROR: "INERROR",
-    psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN: "UNKNOWN",
-}
 _names = itertools.count(1)
 _LIFETIME_JITTER = 0.05  # up to 5% earlier, so a pool's connections do not all expire together
 _WAIT_SLICE = 0.5  # a waiter re-checks for slots freed by garbage-collected leaks this often
-_all_pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
 
 _STAT_COUNTERS = (
     "checkouts",
@@ -60,93 +52,6 @@ _STAT_COUNTERS = (
     "broken_discarded",
     "wait_ms_total",
 )
-
-
-# What a connection of the pool is doing (_ConnInfo.state).
-_IDLE = "idle"  # in idle_connections
-_LENT = "lent"  # lent by getconn
-_RETURNING = "returning"  # given back to putconn, being cleaned up outside the lock
-
-
-class _ConnInfo:
-    """What the pool remembers about one of its connections."""
-
-    __slots__ = (
-        "autocommit",
-        "borrowed_at",
-        "deferrable",
-        "expires",
-        "isolation_level",
-        "probe",
-        "readonly",
-        "stack",
-        "state",
-    )
-
-    def __init__(self, conn: Connection, expires: float | None) -> None:
-        self.state = _LENT
-        self.expires = expires  # monotonic time after which it is retired (max_lifetime)
-        self.probe = socket_probe(conn)  # made once: probing is then a single poll() call
-        # The session characteristics restored on every return.
-        self.autocommit = conn.autocommit
-        self.isolation_level = conn.isolation_level
-        self.readonly = conn.readonly
-        self.deferrable = conn.deferrable
-        self.borrowed_at = 0.0  # monotonic time of the current borrow (leak detection)
-        self.stack: list[str] | None = None  # where it was borrowed, when leak_timeout is set
-
-    def needs_cleanup(self, conn: Connection) -> bool:
-        """Tell whether a returned connection is in a transaction or had its settings changed."""
-        return (
-            conn.get_transaction_status() != _STATUS_IDLE
-            or conn.autocommit != self.autocommit
-            or conn.isolation_level != self.isolation_level
-            or conn.readonly != self.readonly
-            or conn.deferrable != self.deferrable
-        )
-
-    def restore_settings(self, conn: Connection) -> None:
-        conn.autocommit = self.autocommit
-        conn.isolation_level = self.isolation_level
-        conn.readonly = self.readonly
-        conn.deferrable = self.deferrable
-
-
-class _Waiter:
-    """A thread queued in `getconn`; whoever serves it sets exactly one of its outcomes.
-
-    It sleeps on a plain lock rather than a `threading.Event`: waking it is then one C call, which
-    matters when every returned connection wakes a waiter. `wake` and `rearm` run under the pool's
-    lock, so no wake-up is lost between a check and a sleep.
-    """
-
-    __slots__ = ("_signal", "_signaled", "conn", "error", "may_connect", "since")
-
-    def __init__(self) -> None:
-        self.since = time.monotonic()  # when it joined the line
-        self.conn: Connection | None = None  # a connection handed over, already marked lent
-        self.may_connect = False  # a slot reserved for it: it opens its own connection
-        self.error: PoolError | None = None
-        self._signal = threading.Lock()  # released to wake the waiter
-        self._signal.acquire()
-        self._signaled = False
-
-    def served(self) -> bool:
-        return self.conn is not None or self.may_connect or self.error is not None
-
-    def wake(self) -> None:
-        if not self._signaled:
-            self._signaled = True
-            self._signal.release()
-
-    def sleep(self, timeout: float) -> None:
-        self._signal.acquire(timeout=timeout)
-
-    def rearm(self) -> None:
-        """Make the next `sleep` block again (after a wake-up that did not serve this waiter)."""
-        if self._signaled:
-            self._signal.acquire(blocking=False)  # consume the wake-up if sleep did not
-            self._signaled = False
 
 
 def _check_hook(name: str, hook: object) -> None:
@@ -225,9 +130,9 @@ class ConnectionPool:
         self.return_times: dict[Connection, float] = {}  # idle connection -> when it became idle
         # Every open connection of the pool -> its info. Keys are weak references: a lent connection
         # that is leaked and garbage collected drops out by itself, freeing its slot.
-        self._conns: dict[weakref.ref[Connection], _ConnInfo] = {}
+        self._conns: dict[weakref.ref[Connection], ConnInfo] = {}
         self._pending = 0  # slots reserved for connections being opened
-        self._waiters: deque[_Waiter] = deque()  # threads queued in getconn, oldest on the left
+        self._waiters: deque[Waiter] = deque()  # threads queued in getconn, oldest on the left
         self._closed = False
         self._stats = dict.fromkeys(_STAT_COUNTERS, 0)
         self._housekeeper = Housekeeper(self)
@@ -238,7 +143,7 @@ class ConnectionPool:
             conns.pop(ref, None)
 
         self._collected = collected
-        _all_pools.add(self)
+        _fork.track(self)
 
         try:
             for _ in range(minconn):
@@ -305,7 +210,7 @@ class ConnectionPool:
         last_error: Exception | None = None
         while True:
             to_close: list[Connection] = []
-            waiter: _Waiter | None = None
+            waiter: Waiter | None = None
             reserved = False
             exhausted = ""
             with self._lock:
@@ -317,7 +222,7 @@ class ConnectionPool:
                         self._pending += 1
                         reserved = True
                     elif wait > 0:
-                        waiter = _Waiter()
+                        waiter = Waiter()
                         self._waiters.append(waiter)
                     else:
                         exhausted = self._exhausted_message_locked()
@@ -379,7 +284,7 @@ class ConnectionPool:
             )
         return float(timeout)
 
-    def _pop_idle_locked(self, to_close: list[Connection]) -> tuple[Connection, _ConnInfo] | None:
+    def _pop_idle_locked(self, to_close: list[Connection]) -> tuple[Connection, ConnInfo] | None:
         """Take the newest idle connection fit to lend; move unfit ones to `to_close`."""
         now = time.monotonic()
         idle_timeout = self.idle_timeout
@@ -396,7 +301,7 @@ class ConnectionPool:
                 self._forget_locked(conn)
                 to_close.append(conn)
                 continue
-            info.state = _LENT
+            info.state = LENT
             self._stats["checkouts"] += 1
             return conn, info
         return None
@@ -410,7 +315,7 @@ class ConnectionPool:
                 info.borrowed_at = time.monotonic()
                 info.stack = stack
 
-    def _lendable(self, conn: Connection, info: _ConnInfo) -> bool:
+    def _lendable(self, conn: Connection, info: ConnInfo) -> bool:
         """Run the health checks that need no lock on a connection just taken; discard it if it fails."""
         if info.probe.poll(0):
             # The server closed it or sent a notification: only a real round trip tells which.
@@ -430,8 +335,8 @@ class ConnectionPool:
         return True
 
     def _wait(
-        self, waiter: _Waiter, deadline: float, wait: float, last_error: Exception | None
-    ) -> tuple[Connection, _ConnInfo] | None:
+        self, waiter: Waiter, deadline: float, wait: float, last_error: Exception | None
+    ) -> tuple[Connection, ConnInfo] | None:
         """Wait in line; return a connection handed over, or None when a slot was reserved for us."""
         while True:
             remaining = deadline - time.monotonic()
@@ -464,7 +369,7 @@ class ConnectionPool:
             raise PoolTimeout(msg) from last_error
         raise PoolTimeout(msg)
 
-    def _leave_line(self, waiter: _Waiter) -> None:
+    def _leave_line(self, waiter: Waiter) -> None:
         """A waiter is leaving abnormally (interrupted, pool closed): give back what it was given."""
         with self._lock:
             if not waiter.served():
@@ -520,11 +425,11 @@ class ConnectionPool:
         to_close: list[tuple[Connection, str]] = []
         with self._lock:
             info = self._conns.get(key)
-            if info is None or info.state is not _LENT:
+            if info is None or info.state is not LENT:
                 raise PoolError(self._refusal(info))
             slow = close or conn.closed or self.reset is not None or info.needs_cleanup(conn)
             if slow:
-                info.state = _RETURNING  # still counted, and a second putconn is refused
+                info.state = RETURNING  # still counted, and a second putconn is refused
             else:
                 refill = self._settle_locked(conn, info, None, to_close)  # clean: done in one go
         if slow:
@@ -546,7 +451,7 @@ class ConnectionPool:
                 self._close_connections([old], why)
             self._refill(refill)
 
-    def _refusal(self, info: _ConnInfo | None) -> str:
+    def _refusal(self, info: ConnInfo | None) -> str:
         if info is None:
             return f"connection not lent by pool {self.name!r}: putconn refused a foreign connection"
         return f"connection already returned to pool {self.name!r}: putconn called twice"
@@ -567,7 +472,7 @@ class ConnectionPool:
             return "returned with a command in progress (ACTIVE)"
         return None  # in a transaction: rolled back by _clean
 
-    def _clean(self, conn: Connection, info: _ConnInfo) -> str | None:
+    def _clean(self, conn: Connection, info: ConnInfo) -> str | None:
         """Roll back, restore the settings, run the reset hook; say why it failed, if it did."""
         try:
             if conn.get_transaction_status() != _STATUS_IDLE:
@@ -582,7 +487,7 @@ class ConnectionPool:
         return None
 
     def _settle_locked(
-        self, conn: Connection, info: _ConnInfo, reason: str | None, to_close: list[tuple[Connection, str]]
+        self, conn: Connection, info: ConnInfo, reason: str | None, to_close: list[tuple[Connection, str]]
     ) -> int:
         """Keep or drop a returned connection, evict stale idle ones; return how many to open."""
         now = time.monotonic()
@@ -606,21 +511,21 @@ class ConnectionPool:
             self._evict_idle_locked(now, to_close)
         return self._reserve_refill_locked() if to_close else 0
 
-    def _give_locked(self, conn: Connection, info: _ConnInfo, now: float) -> None:
+    def _give_locked(self, conn: Connection, info: ConnInfo, now: float) -> None:
         """Hand a usable connection to the oldest waiter, or make it idle."""
         if self._waiters:
             # First come, first served: never to whichever thread takes the lock next, though
             # that would be faster (see bench/NOTES.md).
             waiter = self._waiters.popleft()
-            info.state = _LENT
+            info.state = LENT
             self._stats["checkouts"] += 1
             waiter.conn = conn
             waiter.wake()
         else:
             self._make_idle_locked(conn, info, now)
 
-    def _make_idle_locked(self, conn: Connection, info: _ConnInfo, now: float) -> None:
-        info.state = _IDLE
+    def _make_idle_locked(self, conn: Connection, info: ConnInfo, now: float) -> None:
+        info.state = IDLE
         self.return_times[conn] = now
         self.idle_connections.append(conn)
 
@@ -705,7 +610,7 @@ class ConnectionPool:
 
     # -- opening and closing -------------------------------------------------------------------
 
-    def _open_connection(self) -> tuple[Connection, _ConnInfo]:
+    def _open_connection(self) -> tuple[Connection, ConnInfo]:
         """Connect and run the configure hook; the caller holds a slot for it and adopts the result."""
         try:
             conn: Connection = psycopg2.connect(**self.connect_kwargs)
@@ -726,7 +631,7 @@ class ConnectionPool:
         expires = None
         if self.max_lifetime is not None:
             expires = time.monotonic() + self.max_lifetime * (1 - _LIFETIME_JITTER * random.random())
-        info = _ConnInfo(conn, expires)
+        info = ConnInfo(conn, expires)
         logger.info(
             "pool %r: opened connection to %s:%s/%s (backend pid %s)",
             self.name,
@@ -737,7 +642,7 @@ class ConnectionPool:
         )
         return conn, info
 
-    def _adopt_locked(self, conn: Connection, info: _ConnInfo) -> None:
+    def _adopt_locked(self, conn: Connection, info: ConnInfo) -> None:
         """Count a connection just opened: its reserved slot becomes a real one (state: lent)."""
         self._pending -= 1
         self._conns[weakref.ref(conn, self._collected)] = info
@@ -815,7 +720,7 @@ class ConnectionPool:
         """The connections lent and not yet returned, as a weak set (a snapshot)."""
         with self._lock:
             conns = self._conns.copy()  # a C-level copy: safe from the garbage collector's removals
-        lent = [ref() for ref, info in conns.items() if info.state is _LENT]
+        lent = [ref() for ref, info in conns.items() if info.state is LENT]
         return weakref.WeakSet(conn for conn in lent if conn is not None)
 
     def stats(self) -> dict[str, Any]:
@@ -879,7 +784,7 @@ class ConnectionPool:
             refill += self._reserve_refill_locked()
             if self.leak_timeout is not None:
                 for info in self._conns.copy().values():
-                    if info.state is _LENT and info.stack is not None and now - info.borrowed_at > self.leak_timeout:
+                    if info.state is LENT and info.stack is not None and now - info.borrowed_at > self.leak_timeout:
                         leaks.append((now - info.borrowed_at, info.stack))
                         info.stack = None  # report each borrow once
         for held, stack in leaks:
@@ -913,7 +818,7 @@ class ConnectionPool:
                 if conn in self.return_times:  # still idle: not taken, evicted or cleared meanwhile
                     self.idle_connections.remove(conn)
                     del self.return_times[conn]
-                    info.state = _RETURNING
+                    info.state = RETURNING
                     taken.append((conn, info))
         refill = 0
         for conn, info in taken:
@@ -948,37 +853,7 @@ class ConnectionPool:
         self._housekeeper = Housekeeper(self)
         for conn in inherited:
             if conn is not None:
-                _disown(conn)
-
-
-def _disown(conn: Connection) -> None:
-    """Make a connection inherited through fork unusable in this process, leaving the parent's alone.
-
-    Closing it normally (or letting it be garbage collected) would send a Terminate message on the
-    socket shared with the parent and end the parent's session. Pointing the descriptor at /dev/null
-    first makes that message go nowhere; the child's borrowers then get an error, not the parent's data.
-    """
-    try:
-        fd = conn.fileno()
-    except Exception:
-        return
-    devnull = os.open(os.devnull, os.O_RDWR)
-    try:
-        os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
-    try:
-        conn.close()
-    except Exception:
-        pass
-
-
-def _reset_pools_after_fork() -> None:
-    for pool in list(_all_pools):
-        pool._after_fork_in_child()
-
-
-os.register_at_fork(after_in_child=_reset_pools_after_fork)
+                _fork.disown(conn)
 
 
 class ThreadSafeConnectionPool(ConnectionPool):

@@ -118,7 +118,7 @@ def test_pool_matches_its_model_under_random_operations(dsn, admin, sessions):
             stats = self.pool.stats()
             assert stats["in_use"] == len(self.lent)
             assert stats["idle"] + stats["in_use"] + stats["opening"] <= MAXCONN
-            assert stats["opening"] == 0 and stats["waiting"] == 0
+            assert stats["waiting"] == 0  # ("opening" may not be 0: the housekeeper refills minconn)
             if self.closed:
                 assert stats["idle"] == 0
 
