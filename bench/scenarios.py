@@ -21,6 +21,15 @@ def query(conn: Any) -> None:
     cur.close()
 
 
+def borrow_and_query(pool: Adapter) -> None:
+    """One operation of the multi-threaded scenarios: borrow, SELECT 1, give back."""
+    conn = pool.get()
+    try:
+        query(conn)
+    finally:
+        pool.put(conn)
+
+
 def overhead_us(pool: Adapter, cycles: int, with_block: bool = False) -> float:
     """Microseconds per borrow + return, no query, one thread."""
     get, put = pool.get, pool.put
@@ -125,14 +134,7 @@ def run_threads(threads: int, duration: float, op: Callable[[], None]) -> Load:
 
 
 def contention(pool: Adapter, threads: int, duration: float) -> Load:
-    def op() -> None:
-        conn = pool.get()
-        try:
-            query(conn)
-        finally:
-            pool.put(conn)
-
-    return run_threads(threads, duration, op)
+    return run_threads(threads, duration, lambda: borrow_and_query(pool))
 
 
 def ideal(dsn: str, threads: int, duration: float) -> Load:
@@ -168,11 +170,7 @@ def cold_burst_s(make_pool: Callable[[], Adapter], threads: int) -> tuple[float,
         nonlocal errors
         barrier.wait(timeout=60)
         try:
-            conn = pool.get()
-            try:
-                query(conn)
-            finally:
-                pool.put(conn)
+            borrow_and_query(pool)
         except Exception:
             with lock:
                 errors += 1
@@ -208,11 +206,7 @@ def recovery(pool: Adapter, threads: int, restart: Callable[[], None], before: f
             started = time.perf_counter()
             ok = True
             try:
-                conn = pool.get()
-                try:
-                    query(conn)
-                finally:
-                    pool.put(conn)
+                borrow_and_query(pool)
             except Exception:
                 ok = False
                 time.sleep(0.01)  # an application would not spin on errors either
