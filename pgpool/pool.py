@@ -340,20 +340,24 @@ class ConnectionPool:
         """Wait in line; return a connection handed over, or None when a slot was reserved for us."""
         while True:
             remaining = deadline - time.monotonic()
+            served = False
             if remaining > 0:
                 waiter.sleep(min(remaining, _WAIT_SLICE))
-            with self._lock:
-                if not waiter.served() and remaining > 0:
-                    # A leaked connection may have been garbage collected, freeing its slot.
-                    self._grant_free_slots_locked()
+                # Whoever served us did so under the lock before waking us: no need to take it again.
                 served = waiter.served()
-                if served or remaining <= 0:
-                    self._stats["wait_ms_total"] += int((time.monotonic() - waiter.since) * 1000)
+            if not served:
+                with self._lock:
+                    if not waiter.served() and remaining > 0:
+                        # A leaked connection may have been garbage collected, freeing its slot.
+                        self._grant_free_slots_locked()
+                    served = waiter.served()
                     if not served:
-                        self._waiters.remove(waiter)
-                        self._stats["timeouts"] += 1
-                else:
-                    waiter.rearm()
+                        if remaining > 0:
+                            waiter.rearm()
+                        else:
+                            self._waiters.remove(waiter)
+                            self._stats["timeouts"] += 1
+                            self._stats["wait_ms_total"] += int((time.monotonic() - waiter.since) * 1000)
             # Whatever the clock says, a waiter that was served keeps what it was given.
             if served:
                 if waiter.error is not None:
@@ -516,11 +520,9 @@ class ConnectionPool:
         if self._waiters:
             # First come, first served: never to whichever thread takes the lock next, though
             # that would be faster (see bench/NOTES.md).
-            waiter = self._waiters.popleft()
             info.state = LENT
             self._stats["checkouts"] += 1
-            waiter.conn = conn
-            waiter.wake()
+            self._serve_locked(self._waiters.popleft(), conn=conn)
         else:
             self._make_idle_locked(conn, info, now)
 
@@ -557,10 +559,16 @@ class ConnectionPool:
     def _grant_free_slots_locked(self) -> None:
         """Give free slots to the oldest waiters, who then open their own connections."""
         while self._waiters and len(self._conns) + self._pending < self.maxconn:
-            waiter = self._waiters.popleft()
             self._pending += 1
-            waiter.may_connect = True
-            waiter.wake()
+            self._serve_locked(self._waiters.popleft(), may_connect=True)
+
+    def _serve_locked(
+        self, waiter: Waiter, conn: Connection | None = None, may_connect: bool = False, error: PoolError | None = None
+    ) -> None:
+        """Give a waiter (already out of the line) its outcome, count its wait, and wake it."""
+        waiter.conn, waiter.may_connect, waiter.error = conn, may_connect, error
+        self._stats["wait_ms_total"] += int((time.monotonic() - waiter.since) * 1000)
+        waiter.wake()
 
     def _reserve_refill_locked(self) -> int:
         if self._closed:
@@ -695,11 +703,9 @@ class ConnectionPool:
                 return
             self._closed = True
             idle = self._take_all_idle_locked()
-            waiters = list(self._waiters)
-            self._waiters.clear()
-            for waiter in waiters:
-                waiter.error = PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
-                waiter.wake()
+            while self._waiters:
+                error = PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
+                self._serve_locked(self._waiters.popleft(), error=error)
         self._housekeeper.stop()
         self._close_connections(idle, "pool closed")
         logger.info("pool %r: closed", self.name)
