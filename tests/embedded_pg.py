@@ -46,9 +46,10 @@ def _free_port() -> int:
 class EmbeddedPostgres:
     """A throwaway PostgreSQL cluster on 127.0.0.1 in a temporary directory."""
 
-    def __init__(self, max_connections: int = 300) -> None:
+    def __init__(self, max_connections: int = 300, **settings: str | int) -> None:
         self.port = _free_port()
         self.max_connections = max_connections
+        self.settings = settings  # more server settings, passed as -c name=value
         self.base = Path(tempfile.mkdtemp(prefix="pgpool-pg-"))
         self.pgdata = self.base / "data"
         self.logfile = self.base / "server.log"
@@ -97,6 +98,7 @@ class EmbeddedPostgres:
             f"-h 127.0.0.1 -p {self.port} -k {self.socket_dir} -c max_connections={self.max_connections}"
             " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         )
+        opts += "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._run("pg_ctl", "-w", "-t", "60", "-D", str(self.pgdata), "-l", str(self.logfile), "-o", opts, "start")
 
     def stop(self, mode: str = "fast") -> None:

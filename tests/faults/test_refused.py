@@ -8,6 +8,8 @@ import pytest
 
 from pgpool import PoolTimeout, ThreadSafeConnectionPool
 
+from ..embedded_pg import EmbeddedPostgres
+
 pytestmark = pytest.mark.faults
 
 
@@ -39,6 +41,28 @@ def test_connection_limit_reached_reaches_the_caller_and_loses_no_slot(dsn, limi
         pool.putconn(first)
         assert_no_slot_lost(pool)
         assert pool.getconn() is first
+
+
+@pytest.mark.embedded
+def test_server_max_connections_reached_reaches_the_caller_and_loses_no_slot(embedded):
+    """A server of its own, with room for 4 sessions (none reserved), so the others are not disturbed."""
+    with EmbeddedPostgres(max_connections=4, superuser_reserved_connections=0) as tiny:
+        hogs = [psycopg2.connect(tiny.dsn) for _ in range(3)]
+        try:
+            with ThreadSafeConnectionPool(minconn=0, maxconn=3, dsn=tiny.dsn) as pool:
+                first = pool.getconn()  # the 4th and last session
+                for _ in range(3):
+                    with pytest.raises(psycopg2.OperationalError, match="too many clients already"):
+                        pool.getconn()
+                assert pool.stats()["opening"] == 0 and pool.stats()["in_use"] == 1
+                hogs.pop().close()  # room for one more
+                second = pool.getconn(timeout=5)
+                pool.putconn(first)
+                pool.putconn(second)
+                assert_no_slot_lost(pool)
+        finally:
+            for hog in hogs:
+                hog.close()
 
 
 def test_a_missing_database_reaches_the_caller_and_loses_no_slot(dsn):
