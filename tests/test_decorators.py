@@ -243,6 +243,23 @@ def test_generator_closed_early_returns_its_connection(pool):
     assert pool.stats()["in_use"] == 0
 
 
+def test_transactional_generator_closed_early_rolls_back(pool, admin, table):
+    @with_transaction(pool)
+    def insert_all(values, conn):
+        for value in values:
+            with conn.cursor() as cur:
+                cur.execute(f"INSERT INTO {table} VALUES (%s)", (value,))
+            yield value
+
+    gen = insert_all([1, 2, 3])
+    assert next(gen) == 1
+    gen.close()  # abandoned half-way: nothing is committed
+    assert rows(admin, table) == []
+    assert list(insert_all([4, 5])) == [4, 5]  # exhausted: committed
+    assert rows(admin, table) == [4, 5]
+    assert pool.stats()["in_use"] == 0
+
+
 def test_generator_borrow_does_not_leak_into_the_code_iterating_it(pool):
     @with_connection(pool)
     def conns(conn):
