@@ -418,7 +418,8 @@ class ConnectionPool:
         Whatever the borrower left uncommitted is rolled back, and the connection's autocommit,
         isolation level, readonly and deferrable settings are restored; then the `reset` hook runs.
         A broken connection, or one whose cleanup fails, is discarded: `putconn` never raises
-        because of the connection's state. It raises `PoolError` for a connection this pool did not
+        because of the connection's state, and the housekeeper reopens connections up to `minconn`
+        in the background (putconn itself never waits for a connect). It raises `PoolError` for a connection this pool did not
         lend or that was already returned, and then changes nothing.
         """
         if not isinstance(conn, Connection):
@@ -435,7 +436,7 @@ class ConnectionPool:
             if slow:
                 info.state = RETURNING  # still counted, and a second putconn is refused
             else:
-                refill = self._settle_locked(conn, info, None, to_close)  # clean: done in one go
+                self._settle_locked(conn, info, None, to_close)  # clean: done in one go
         if slow:
             # Cleanup is network I/O (rollback, reset): outside the lock.
             reason = self._return_reason(conn, close)
@@ -444,16 +445,16 @@ class ConnectionPool:
                     reason = self._clean(conn, info)
             except BaseException:  # interrupted (KeyboardInterrupt): drop it, then let it propagate
                 with self._lock:
-                    # No refill while an interruption propagates: the housekeeper will do it.
-                    self._pending -= self._settle_locked(conn, info, "cleanup interrupted", to_close)
+                    self._settle_locked(conn, info, "cleanup interrupted", to_close)
                 self._close_connections([c for c, _ in to_close], "cleanup interrupted")
                 raise
             with self._lock:
-                refill = self._settle_locked(conn, info, reason, to_close)
+                self._settle_locked(conn, info, reason, to_close)
         if to_close:
             for old, why in to_close:
                 self._close_connections([old], why)
-            self._refill(refill)
+            # Reopening to minconn is the housekeeper's job: putconn never waits for a connect.
+            self._housekeeper.kick()
 
     def _refusal(self, info: ConnInfo | None) -> str:
         if info is None:
@@ -492,8 +493,8 @@ class ConnectionPool:
 
     def _settle_locked(
         self, conn: Connection, info: ConnInfo, reason: str | None, to_close: list[tuple[Connection, str]]
-    ) -> int:
-        """Keep or drop a returned connection, evict stale idle ones; return how many to open."""
+    ) -> None:
+        """Keep or drop a returned connection (appended to `to_close`), and evict stale idle ones."""
         now = time.monotonic()
         if reason is None:
             if self._closed:
@@ -513,7 +514,6 @@ class ConnectionPool:
         idle = self.idle_connections
         if self.idle_timeout and idle and now - self.return_times[idle[0]] > self.idle_timeout:
             self._evict_idle_locked(now, to_close)
-        return self._reserve_refill_locked() if to_close else 0
 
     def _give_locked(self, conn: Connection, info: ConnInfo, now: float) -> None:
         """Hand a usable connection to the oldest waiter, or make it idle."""
@@ -612,9 +612,8 @@ class ConnectionPool:
             self._forget_locked(conn)
             self._stats["broken_discarded"] += 1
             self._grant_free_slots_locked()
-            refill = self._reserve_refill_locked()
         self._close_connections([conn], reason)
-        self._refill(refill)
+        self._housekeeper.kick()  # to reopen minconn, in the background
 
     # -- opening and closing -------------------------------------------------------------------
 
@@ -780,14 +779,14 @@ class ConnectionPool:
         now = time.monotonic()
         to_close: list[tuple[Connection, str]] = []
         leaks: list[tuple[float, list[str]]] = []
-        refill = self._recheck_signalled_idle(to_close)
+        self._recheck_signalled_idle(to_close)
         with self._lock:
             if self.idle_timeout:
                 self._evict_idle_locked(now, to_close)
             if self.max_lifetime is not None:
                 self._retire_expired_locked(now, to_close)
             self._grant_free_slots_locked()
-            refill += self._reserve_refill_locked()
+            refill = self._reserve_refill_locked()
             if self.leak_timeout is not None:
                 for info in self._conns.copy().values():
                     if info.state is LENT and info.stack is not None and now - info.borrowed_at > self.leak_timeout:
@@ -806,7 +805,7 @@ class ConnectionPool:
         self._refill(refill)
         return self._housekeeping_interval()
 
-    def _recheck_signalled_idle(self, to_close: list[tuple[Connection, str]]) -> int:
+    def _recheck_signalled_idle(self, to_close: list[tuple[Connection, str]]) -> None:
         """Check for real the idle connections the server sent something to, and drop dead ones.
 
         So that after a restart or pg_terminate_backend the pool replaces its connections by itself,
@@ -817,7 +816,7 @@ class ConnectionPool:
             idle = [(conn, self._conns[weakref.ref(conn)]) for conn in self.idle_connections]
         signalled = [(conn, info) for conn, info in idle if socket_readable(conn)]
         if not signalled:
-            return 0
+            return
         taken = []
         with self._lock:
             for conn, info in signalled:
@@ -826,7 +825,6 @@ class ConnectionPool:
                     del self.return_times[conn]
                     info.state = RETURNING
                     taken.append((conn, info))
-        refill = 0
         for conn, info in taken:
             reason = None
             try:
@@ -834,8 +832,7 @@ class ConnectionPool:
             except Exception as exc:
                 reason = f"broken: closed by the server while idle ({self._redact(str(exc).strip())})"
             with self._lock:
-                refill += self._settle_locked(conn, info, reason, to_close)
-        return refill
+                self._settle_locked(conn, info, reason, to_close)
 
     def _housekeeping_interval(self) -> float:
         intervals = [5.0]

@@ -13,7 +13,7 @@ import pytest
 import pgpool
 from pgpool import PoolError, ThreadSafeConnectionPool
 
-from .helpers import closed_port, rows
+from .helpers import closed_port, rows, wait_until
 
 pytestmark = pytest.mark.pgbouncer
 
@@ -295,9 +295,9 @@ def test_putconn_reopens_connections_until_minconn_exist(pool_cls, dsn, terminat
         terminate(a)
         with pytest.raises(psycopg2.OperationalError):
             a.cursor().execute("SELECT 1")
-        pool.putconn(a)  # broken: discarded, then refilled
+        pool.putconn(a)  # broken: discarded, then refilled by the housekeeper, at once
         assert a.closed
-        assert len(pool.idle_connections) == 2
+        assert wait_until(lambda: len(pool.idle_connections) == 2, timeout=5)
         assert sessions(expect=2) == 2
 
 
@@ -308,8 +308,10 @@ def test_putconn_succeeds_when_the_minconn_refill_fails_and_retries_later(pool_c
         with pytest.raises(psycopg2.OperationalError):
             conn.cursor().execute("SELECT 1")
         pool.connect_kwargs["port"] = closed_port()  # the server is "down" for new connections
-        pool.putconn(conn)  # must not raise
-        assert pool.stats()["connect_errors"] >= 1
+        started = time.monotonic()
+        pool.putconn(conn)  # must not raise, nor wait for a connect
+        assert time.monotonic() - started < 1
+        assert wait_until(lambda: pool.stats()["connect_errors"] >= 1, timeout=5)
         assert "connect failed" in caplog.text
         del pool.connect_kwargs["port"]  # the server is back
         again = pool.getconn()
