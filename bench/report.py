@@ -205,7 +205,14 @@ def chart(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-_PEER_COLORS = ["tab:blue", "tab:orange", "tab:red", "tab:purple", "tab:brown", "tab:olive", "tab:cyan"]
+# One colour per pool, the same in every chart.
+_COLORS = {
+    "psycopg2.pool": "tab:orange",
+    "psycopg2_pool": "tab:red",
+    "psycopg_pool": "tab:purple",
+    "sqlalchemy QueuePool": "tab:brown",
+    "DBUtils PooledDB": "tab:olive",
+}
 
 
 def _color(name: str, index: int) -> str:
@@ -213,7 +220,7 @@ def _color(name: str, index: int) -> str:
         return "tab:green"
     if name.startswith(("ideal", "no pool")):
         return "dimgray"
-    return _PEER_COLORS[index % len(_PEER_COLORS)]
+    return _COLORS.get(name, "tab:blue")
 
 
 def _bars(ax: Any, values: dict[str, float], title: str, labels: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ scenario, that restarts the server). Writes ``latest.md`` and ``latest.png`` in 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -73,6 +74,8 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.md").write_text(report.markdown(results))
+    # The raw numbers too, so that the report and chart can be re-rendered without a rerun.
+    (out / "latest.json").write_text(json.dumps(results, indent=1, default=str))
     report.chart(results, out / "latest.png")
     print(f"wrote {out / 'latest.md'} and {out / 'latest.png'}")
     for line in results["verdicts"]:
