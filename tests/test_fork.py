@@ -11,7 +11,11 @@ import pytest
 
 from pgpool import ThreadSafeConnectionPool
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+pytestmark = [
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"),
+    # Python 3.12+ warns on fork() with threads running (our housekeepers): forking is the test.
+    pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning"),
+]
 
 
 def backend_pid(conn) -> int:
