@@ -419,8 +419,8 @@ class ConnectionPool:
         isolation level, readonly and deferrable settings are restored; then the `reset` hook runs.
         A broken connection, or one whose cleanup fails, is discarded: `putconn` never raises
         because of the connection's state, and the housekeeper reopens connections up to `minconn`
-        in the background (putconn itself never waits for a connect). It raises `PoolError` for a connection this pool did not
-        lend or that was already returned, and then changes nothing.
+        in the background (putconn itself never waits for a connect). It raises `PoolError` for a
+        connection this pool did not lend or that was already returned, and then changes nothing.
         """
         if not isinstance(conn, Connection):
             raise PoolError(
