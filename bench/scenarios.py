@@ -229,13 +229,13 @@ def recovery(pool: Adapter, threads: int, restart: Callable[[], None], before: f
     baseline = sum(1 for s, e, ok in events if ok and t0 + 0.2 <= e < t0 + before) / max(before - 0.2, 0.1)
     window = 0.1
     recovered_at = float("inf")
-    t = back
-    while t < back + after - window:
-        done = sum(1 for s, e, ok in events if ok and t <= e < t + window)
+    start = back  # slide a 100 ms window from the moment the server is back
+    while start < back + after - window:
+        done = sum(1 for s, e, ok in events if ok and start <= e < start + window)
         if done / window >= baseline / 2:
-            recovered_at = t - back
+            recovered_at = start - back
             break
-        t += window / 2
+        start += window / 2
     return Recovery(
         errors_before_back=sum(1 for s, e, ok in events if not ok and s < back),
         errors_after_back=sum(1 for s, e, ok in events if not ok and s >= back),
