@@ -175,13 +175,7 @@ class ConnectionPool:
             raise ValueError(f"maxconn must be >= minconn (got minconn={minconn}, maxconn={maxconn}) {where}")
         if not isinstance(idle_timeout, (int, float)) or idle_timeout < 0:
             raise ValueError(f"idle_timeout must be a number of seconds >= 0, got {idle_timeout!r} {where}")
-        if not isinstance(timeout, (int, float)) or not timeout >= 0:
-            raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r} {where}")
-        if timeout > 0 and not self._can_wait:
-            raise ValueError(
-                f"timeout must be 0 for a {type(self).__name__}: in one thread nobody can return a "
-                f"connection while getconn waits; use ThreadSafeConnectionPool {where}"
-            )
+        self._checked_timeout(timeout)
         for label, value in (("max_lifetime", max_lifetime), ("leak_timeout", leak_timeout)):
             if value is not None and (not isinstance(value, (int, float)) or not value > 0):
                 raise ValueError(f"{label} must be None or a number of seconds > 0, got {value!r} {where}")
@@ -198,7 +192,7 @@ class ConnectionPool:
         given) for one to come back, and raises `PoolTimeout`; with no timeout, raises `PoolError`
         at once. A connect error reaches the caller, unless a timeout allows retrying it.
         """
-        wait = self.timeout if timeout is None else self._resolve_timeout(timeout)
+        wait = self.timeout if timeout is None else self._checked_timeout(timeout)
         conn = self._get_ready_connection(wait)
         if self.leak_timeout is not None:
             self._note_borrow(conn)
@@ -274,13 +268,14 @@ class ConnectionPool:
             self._close_connections([conn], "pool closed while connecting")
             raise PoolClosed(f"pool {self.name!r} is closed")
 
-    def _resolve_timeout(self, timeout: float) -> float:
+    def _checked_timeout(self, timeout: float) -> float:
+        """Validate a timeout, the pool's or a call's."""
         if not isinstance(timeout, (int, float)) or not timeout >= 0:
             raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r} (pool {self.name!r})")
         if timeout > 0 and not self._can_wait:
             raise ValueError(
                 f"timeout must be 0 for a {type(self).__name__} (pool {self.name!r}): in one thread "
-                "nobody can return a connection while getconn waits"
+                "nobody can return a connection while getconn waits; use ThreadSafeConnectionPool"
             )
         return float(timeout)
 

@@ -229,6 +229,17 @@ def test_putconn_of_a_closed_connection_discards_it(pool_cls, dsn):
         pool.putconn(pool.getconn())
 
 
+def test_putconn_with_close_discards_the_connection_and_frees_its_slot(pool_cls, dsn):
+    with pool_cls(minconn=0, maxconn=1, dsn=dsn) as pool:
+        conn = pool.getconn()
+        pool.putconn(conn, close=True)
+        assert conn.closed
+        assert not pool.idle_connections
+        again = pool.getconn()
+        assert again is not conn
+        pool.putconn(again)
+
+
 def test_putconn_twice_raises_and_keeps_one_copy(pool_cls, dsn):
     with pool_cls(minconn=0, dsn=dsn, name="twice") as pool:
         conn = pool.getconn()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -242,4 +243,15 @@ def test_housekeeper_starts_lazily_as_a_daemon_and_stops_on_close(dsn):
     (thread,) = housekeepers(pool)
     assert thread.daemon
     pool.close()
+    assert not thread.is_alive()
+
+
+def test_a_forgotten_pool_is_collected_and_its_housekeeper_ends(dsn):
+    """The housekeeper holds its pool weakly: a pool nobody closed does not live forever."""
+    pool = ThreadSafeConnectionPool(minconn=1, idle_timeout=0.4, dsn=dsn)
+    pool.putconn(pool.getconn())
+    (thread,) = [t for t in threading.enumerate() if t.name == f"{pool.name}-housekeeper"]
+    del pool
+    gc.collect()
+    thread.join(timeout=5)
     assert not thread.is_alive()
