@@ -162,12 +162,13 @@ def test_nested_transaction_is_a_savepoint_the_outer_can_survive(pool_cls, dsn, 
 def test_transaction_inside_a_plain_connection_commits_at_its_own_end(pool_cls, dsn, admin, table):
     with pool_cls(minconn=0, maxconn=1, dsn=dsn) as pool:
         with pool.connection() as conn:
+            insert(conn, table, 0)  # the plain block's own work, not committed yet
             with pool.transaction() as inner:
                 assert inner is conn
                 insert(inner, table, 1)
-            assert rows(admin, table) == [1]
+            assert rows(admin, table) == [0, 1]  # the nested transaction committed both
             insert(conn, table, 2)  # plain borrow again: rolled back on return
-        assert rows(admin, table) == [1]
+        assert rows(admin, table) == [0, 1]
 
 
 def test_connection_inside_a_transaction_joins_it(pool_cls, dsn, admin, table):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import psycopg2
@@ -244,3 +245,34 @@ def test_a_connection_returned_in_copy_mode_is_discarded(pool_cls, dsn):
         with pool.connection() as again, again.cursor() as cur:
             cur.execute("SELECT 1")
             assert cur.fetchone() == (1,)
+
+
+def test_the_probe_works_on_file_numbers_above_1024(pool_cls, dsn, terminate):
+    """select.select() cannot watch descriptors above 1024; the probe uses poll(), which can."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip(f"cannot open 1200 files here (hard limit {hard})")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    fillers = []
+    try:
+        while True:
+            fd = os.open(os.devnull, os.O_RDONLY)
+            fillers.append(fd)
+            if fd > 1100:
+                break
+        with pool_cls(minconn=1, dsn=dsn) as pool:
+            dead = pool.idle_connections[-1]
+            assert dead.fileno() > 1024
+            terminate(dead)
+            time.sleep(0.2)
+            with pool.connection() as conn:
+                assert conn is not dead
+                assert conn.fileno() > 1024
+                assert backend_pid(conn) > 0
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
