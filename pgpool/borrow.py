@@ -47,11 +47,6 @@ def new_borrow_var(pool_name: str) -> ContextVar[Borrow | None]:
     return ContextVar(f"pgpool-borrow:{pool_name}", default=None)
 
 
-def current(pool: ConnectionPool) -> Borrow | None:
-    """Return the borrow of `pool` in progress in this context, if any."""
-    return pool._borrow.get()
-
-
 class ConnectionBorrow:
     """``with pool.connection() as conn``: a class, not a generator, to keep the borrow cheap."""
 
@@ -94,24 +89,16 @@ def transaction(pool: ConnectionPool, timeout: float | None = None) -> Iterator[
         with _savepoint(joined.conn):
             yield joined.conn
         return
-    if joined is not None:
-        joined.in_transaction = True
-        try:
-            with _real_transaction(joined.conn):
-                yield joined.conn
-        finally:
-            joined.in_transaction = False
-        return
-    conn = pool.getconn(timeout)
-    try:
-        token = pool._borrow.set(Borrow(conn, in_transaction=True))
+    # Otherwise a real transaction, on the connection of a plain borrow around it or on a new one.
+    with ConnectionBorrow(pool, timeout) as conn:
+        state = pool._borrow.get()
+        assert state is not None and state.conn is conn
+        state.in_transaction = True
         try:
             with _real_transaction(conn):
                 yield conn
         finally:
-            pool._borrow.reset(token)
-    finally:
-        pool.putconn(conn)
+            state.in_transaction = False
 
 
 @contextlib.contextmanager
