@@ -110,11 +110,22 @@ def table(admin: psycopg2.extensions.connection) -> Iterator[str]:
 
 @pytest.fixture
 def terminate(admin: psycopg2.extensions.connection):
-    """terminate(conn): end conn's server session, as a restart or an administrator would."""
+    """terminate(conn): end conn's server session, as a restart or an administrator would.
+
+    Returns once the backend is gone: pg_terminate_backend only signals it, and until it has exited
+    its goodbye may not have reached the socket yet (no pool can see a death still in flight).
+    """
 
     def kill(conn: psycopg2.extensions.connection) -> None:
+        pid = conn.info.backend_pid
         with admin.cursor() as cur:
-            cur.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+            cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
+                if cur.fetchone()[0] == 0:
+                    return
+                time.sleep(0.01)
 
     return kill
 

@@ -25,7 +25,7 @@ def must_raise(exc_type, call, *args) -> BaseException:
     raise AssertionError(f"{getattr(call, '__name__', call)} did not raise {exc_type.__name__}")
 
 
-def test_pool_matches_its_model_under_random_operations(dsn, admin, sessions):
+def test_pool_matches_its_model_under_random_operations(dsn, terminate, sessions):
     class PoolMachine(RuleBasedStateMachine):
         """The model: which connections are lent, whether the pool is closed."""
 
@@ -90,8 +90,7 @@ def test_pool_matches_its_model_under_random_operations(dsn, admin, sessions):
         @rule(data=st.data())
         def server_kills_a_lent_connection(self, data: st.DataObject) -> None:
             conn = data.draw(st.sampled_from(self.lent))
-            with admin.cursor() as cur:
-                cur.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+            terminate(conn)
             must_raise(psycopg2.OperationalError, conn.cursor().execute, "SELECT 1")
             self.pool.putconn(conn)  # never raises for a broken connection
             self.lent.remove(conn)
@@ -99,9 +98,8 @@ def test_pool_matches_its_model_under_random_operations(dsn, admin, sessions):
 
         @rule()
         def server_kills_the_idle_connections(self) -> None:
-            with admin.cursor() as cur:
-                for conn in list(self.pool.idle_connections):
-                    cur.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+            for conn in list(self.pool.idle_connections):
+                terminate(conn)
 
         @rule()
         def clear(self) -> None:
