@@ -5,13 +5,14 @@ PY := $(VENV)/bin/python
 # Starts an embedded PostgreSQL for the command unless PGPOOL_DSN names a server.
 WITH_SERVER := $(PY) tests/embedded_pg.py run --
 
-.PHONY: install install-bench demo test lint format docs bench bench-quick clean
+.PHONY: install install-bench demo test lint format docs dist bench bench-quick clean
 
 # Each stamp says what is installed in .venv; all are redone when the package metadata changes.
 DEMO_STAMP := $(VENV)/.installed-demo-stamp
 STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.installed-bench-stamp
 DOCS_STAMP := $(VENV)/.installed-docs-stamp
+DIST_STAMP := $(VENV)/.installed-dist-stamp
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +40,10 @@ $(DOCS_STAMP): setup.cfg pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[docs]'
 	touch $(DOCS_STAMP)
 
+$(DIST_STAMP): setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[dist]'
+	touch $(DIST_STAMP)
+
 demo: $(DEMO_STAMP)
 	$(WITH_SERVER) $(PY) examples/demo.py
 
@@ -65,6 +70,13 @@ format: install
 docs: $(DOCS_STAMP)
 	$(VENV)/bin/sphinx-build --fresh-env -W --keep-going -q -b html docs docs/_build/html
 	@echo "docs/_build/html/index.html"
+
+# The sdist and the wheel in dist/, checked as PyPI would.
+dist: $(DIST_STAMP)
+	rm -rf dist && mkdir -p build
+	$(PY) -m build --outdir dist . >build/dist.log 2>&1 || { cat build/dist.log; exit 1; }
+	tail -n 1 build/dist.log
+	$(VENV)/bin/twine check --strict dist/*
 
 clean:
 	rm -rf $(VENV) build dist docs/_build *.egg-info .pytest_cache .mypy_cache .ruff_cache
