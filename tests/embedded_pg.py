@@ -250,7 +250,10 @@ def main(argv: list[str]) -> int:
         return subprocess.call(command)
     started = time.monotonic()
     with EmbeddedPostgres() as server:
-        print(f"embedded PostgreSQL 18 on 127.0.0.1:{server.port} ({time.monotonic() - started:.1f} s to start)")
+        print(
+            f"embedded PostgreSQL 18 on 127.0.0.1:{server.port} ({time.monotonic() - started:.1f} s to start)",
+            flush=True,
+        )
         env = dict(os.environ, PGPOOL_DSN=server.dsn)
         return subprocess.call(command, env=env)
 
