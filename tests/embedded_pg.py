@@ -136,10 +136,13 @@ def _mirror(
             mode = entry.stat().st_mode
             usable_by_others = mode & stat.S_IROTH and (not mode & stat.S_IXUSR or mode & stat.S_IXOTH)
             if usable_by_others and entry.stat().st_dev == target.stat().st_dev:
-                os.link(entry, target / name)
-            else:
-                shutil.copy2(entry, target / name)
-                os.chown(target / name, account.pw_uid, account.pw_gid)
+                try:
+                    os.link(entry, target / name)
+                    continue
+                except OSError:  # a file system without hard links: copy
+                    pass
+            shutil.copy2(entry, target / name)
+            os.chown(target / name, account.pw_uid, account.pw_gid)
 
 
 class EmbeddedPostgres:
