@@ -1,7 +1,7 @@
 """Fork safety: after os.fork(), every pool in the child starts from zero connections.
 
 The child must neither use nor close the parent's connections in a way that reaches the parent's
-sessions: see `disown`.
+sessions, and must never wait on a lock that a parent thread held at fork time: see `disown`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,15 @@ if TYPE_CHECKING:
 
 _pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
 
+# Connections inherited through fork, kept alive for the life of the child: closing one, or letting
+# it be garbage collected (which closes it), takes psycopg2's connection mutex, which a parent thread
+# running a query held at fork time and which nobody in the child will ever release.
+_orphans: list[psycopg2.extensions.connection] = []
+_orphan_ids: set[int] = set()
+
+# How many forks this process descends from: a borrow made before a fork is never joined after it.
+generation = 0
+
 
 def track(pool: ConnectionPool) -> None:
     """Reset `pool` in every child process forked from now on."""
@@ -26,10 +35,12 @@ def track(pool: ConnectionPool) -> None:
 def disown(conn: psycopg2.extensions.connection) -> None:
     """Make a connection inherited through fork unusable in this process, leaving the parent's alone.
 
-    Closing it normally (or letting it be garbage collected) would send a Terminate message on the
-    socket shared with the parent and end the parent's session. Pointing the descriptor at /dev/null
-    first makes that message go nowhere; the child's borrowers then get an error, not the parent's data.
+    The descriptor is pointed at /dev/null (``dup2`` takes no psycopg2 lock), so nothing the child
+    does with the connection reaches the parent's session; the connection object itself is kept
+    alive and never closed (see `_orphans`).
     """
+    _orphans.append(conn)
+    _orphan_ids.add(id(conn))
     try:
         fd = conn.fileno()
     except Exception:
@@ -39,13 +50,16 @@ def disown(conn: psycopg2.extensions.connection) -> None:
         os.dup2(devnull, fd)
     finally:
         os.close(devnull)
-    try:
-        conn.close()
-    except Exception:
-        pass
+
+
+def is_disowned(conn: psycopg2.extensions.connection) -> bool:
+    """Tell whether `conn` was inherited through fork (and disowned)."""
+    return id(conn) in _orphan_ids and any(conn is orphan for orphan in _orphans)
 
 
 def _reset_pools_after_fork() -> None:
+    global generation
+    generation += 1
     for pool in list(_pools):
         pool._after_fork_in_child()
 

@@ -1,4 +1,4 @@
-"""What the pool keeps about each of its connections, and about each thread waiting for one."""
+"""What the pool keeps about each connection, each waiting thread, and each `getconn` in progress."""
 
 from __future__ import annotations
 
@@ -18,17 +18,20 @@ _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 IDLE = "idle"  # in idle_connections
 LENT = "lent"  # lent by getconn
 RETURNING = "returning"  # given back to putconn, being cleaned up outside the lock
+CLOSING = "closing"  # dropped: being closed outside the lock, its slot still counted
 
 
 class ConnInfo:
-    """What the pool remembers about one of its connections."""
+    """What the pool remembers about one of its connections (never the connection itself)."""
 
     __slots__ = (
         "autocommit",
         "borrowed_at",
         "deferrable",
+        "encoding",
         "expires",
         "isolation_level",
+        "lease",
         "probe",
         "readonly",
         "stack",
@@ -37,65 +40,67 @@ class ConnInfo:
 
     def __init__(self, conn: Connection, expires: float | None) -> None:
         self.state = LENT
+        self.lease = 0  # bumped at every lend: tells one borrow of the connection from the next
         self.expires = expires  # monotonic time after which it is retired (max_lifetime)
         self.probe = socket_probe(conn)  # made once: probing is then a single poll() call
-        # The session characteristics restored on every return.
+        # The session characteristics restored on every return (as left by the configure hook).
         self.autocommit = conn.autocommit
         self.isolation_level = conn.isolation_level
         self.readonly = conn.readonly
         self.deferrable = conn.deferrable
+        self.encoding = conn.encoding
         self.borrowed_at = 0.0  # monotonic time of the current borrow (leak detection)
         self.stack: list[str] | None = None  # where it was borrowed, when leak_timeout is set
 
     def needs_cleanup(self, conn: Connection) -> bool:
-        """Tell whether a returned connection is in a transaction or had its settings changed."""
+        """Tell whether a returned connection has anything for the next borrower to inherit."""
         return (
             conn.get_transaction_status() != _STATUS_IDLE
             or conn.autocommit != self.autocommit
             or conn.isolation_level != self.isolation_level
             or conn.readonly != self.readonly
             or conn.deferrable != self.deferrable
+            or conn.encoding != self.encoding
+            or bool(conn.notices)
+            or bool(conn.notifies)
         )
-
-    def restore_settings(self, conn: Connection) -> None:
-        conn.autocommit = self.autocommit
-        conn.isolation_level = self.isolation_level
-        conn.readonly = self.readonly
-        conn.deferrable = self.deferrable
 
 
 class Waiter:
-    """A thread queued in `getconn`; whoever serves it sets exactly one of its outcomes.
+    """A thread queued in `getconn`; whoever serves it sets exactly one outcome, once.
 
-    It sleeps on a plain lock rather than a `threading.Event`: waking it is then one C call, which
-    matters when every returned connection wakes a waiter. `wake` and `rearm` run under the pool's
-    lock, so no wake-up is lost between a check and a sleep.
+    It sleeps on a plain lock rather than a `threading.Event`: waking it is then one C call
+    (``signal.release()``), which no interrupt can split, and which happens at most once.
     """
 
-    __slots__ = ("_signal", "_signaled", "conn", "error", "may_connect", "since")
+    __slots__ = ("conn", "error", "info", "may_connect", "signal", "since")
 
     def __init__(self) -> None:
         self.since = time.monotonic()  # when it joined the line
         self.conn: Connection | None = None  # a connection handed over, already marked lent
+        self.info: ConnInfo | None = None
         self.may_connect = False  # a slot reserved for it: it opens its own connection
         self.error: PoolError | None = None
-        self._signal = threading.Lock()  # released to wake the waiter
-        self._signal.acquire()
-        self._signaled = False
+        self.signal = threading.Lock()  # released, once, by whoever serves it
+        self.signal.acquire()
 
-    def served(self) -> bool:
-        return self.conn is not None or self.may_connect or self.error is not None
 
-    def wake(self) -> None:
-        if not self._signaled:
-            self._signaled = True
-            self._signal.release()
+class Claim:
+    """Everything one `getconn` call holds at a given instant, so that one place can give it back.
 
-    def sleep(self, timeout: float) -> None:
-        self._signal.acquire(timeout=timeout)
+    The pool's state fills it under the lock; `ConnectionPool._give_back_claim` empties it when the
+    call fails or is interrupted. A field set means "owned by this call", from the very statement
+    that set it.
+    """
 
-    def rearm(self) -> None:
-        """Make the next `sleep` block again (after a wake-up that did not serve this waiter)."""
-        if self._signaled:
-            self._signal.acquire(blocking=False)  # consume the wake-up if sleep did not
-            self._signaled = False
+    __slots__ = ("conn", "info", "new_conn", "new_info", "refill", "slot", "to_close", "waiter")
+
+    def __init__(self) -> None:
+        self.conn: Connection | None = None  # taken from the pool, state LENT, not yet returned to the caller
+        self.info: ConnInfo | None = None
+        self.slot = False  # a reserved slot (counted in PoolState.opening) to open a connection in
+        self.new_conn: Connection | None = None  # opened in that slot, not yet counted
+        self.new_info: ConnInfo | None = None
+        self.waiter: Waiter | None = None  # in the line, or served and not yet collected
+        self.refill = False  # the slot is a background refill's (counted in PoolState.refilling too)
+        self.to_close: list[tuple[Connection, str]] = []  # dropped (state CLOSING), to close

@@ -1,9 +1,11 @@
 """Borrowing that cannot leak: ``pool.connection()``, ``pool.transaction()`` and propagation.
 
-Each pool has a `ContextVar` holding the borrow in progress in the current context (thread, or task).
-A nested borrow of the same pool joins it instead of taking a second connection, which could
-deadlock on the first one's row locks or exhaust the pool. Only the outermost borrow gives the
-connection back.
+Each pool has a `ContextVar` holding the borrow in progress in the current context. A nested borrow of
+the same pool joins it instead of taking a second connection (which could deadlock on the first one's
+row locks or exhaust the pool), but only a borrow **made by the same thread, in this process, and
+still open**: a context copied into another thread (``asyncio.to_thread``, an executor running
+``copy_context().run``), a generator finished elsewhere, or a child after ``fork`` never joins and never
+shares a connection. Only the outermost borrow gives the connection back.
 
 Commit rules:
 
@@ -12,18 +14,25 @@ Commit rules:
 - ``transaction()`` inside a ``transaction()`` of the same pool: a savepoint, released on success and
   rolled back to on failure (the exception propagates; the outer transaction may catch it and commit).
 - ``transaction()`` inside a plain ``connection()``: a real transaction on the joined connection,
-  committed at its own end.
+  committed at its own end (with whatever the plain block did before it).
+
+Interrupts: once ``__enter__`` has returned, ``__exit__`` gives the connection back whatever lands
+where: every call it makes that must happen is made again if an interrupt lands on its entry. The one
+point no Python code can protect is the entry of ``__exit__`` itself when *your* ``with`` statement
+calls it; pgpool's own callers (``transaction()``, the decorators) call it again in that case.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-from collections.abc import Iterator
+import threading
 from contextvars import ContextVar
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 import psycopg2.extensions
+
+from . import _fork
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -31,113 +40,212 @@ if TYPE_CHECKING:
 Connection = psycopg2.extensions.connection
 
 _savepoint_ids = itertools.count(1)
+_get_ident = threading.get_ident
 
 
 class Borrow:
-    """A connection borrowed in a context, shared with the borrows nested in it."""
+    """A connection borrowed by one thread, joined by that thread's nested borrows while it is open.
 
-    __slots__ = ("conn", "in_transaction")
+    No ``__init__``: creating one makes no Python call, so nothing can interrupt it half made.
+    """
 
-    def __init__(self, conn: Connection, in_transaction: bool) -> None:
-        self.conn = conn
-        self.in_transaction = in_transaction  # a transaction() block of this borrow is open
+    __slots__ = ("conn", "generation", "in_transaction", "thread")
+
+    conn: Connection | None  # None once the borrow ended: never joined again, from any context
+    thread: int  # the thread allowed to join it
+    generation: int  # the fork generation it was made in
+    in_transaction: bool  # a transaction() block of this borrow is open
 
 
 def new_borrow_var(pool_name: str) -> ContextVar[Borrow | None]:
     return ContextVar(f"pgpool-borrow:{pool_name}", default=None)
 
 
+def joinable(pool: ConnectionPool) -> Borrow | None:
+    """The borrow of `pool` that a nested borrow here may join: this thread's, open, of this process."""
+    found = pool._borrow.get()
+    if (
+        found is not None
+        and found.conn is not None
+        and found.thread == _get_ident()
+        and found.generation == _fork.generation
+    ):
+        return found
+    return None
+
+
 class ConnectionBorrow:
     """``with pool.connection() as conn``: a class, not a generator, to keep the borrow cheap."""
 
-    __slots__ = ("_conn", "_pool", "_timeout", "_token")
+    __slots__ = ("_borrow", "_join", "_joined", "_lease", "_pool", "_timeout", "_token")
 
-    def __init__(self, pool: ConnectionPool, timeout: float | None = None) -> None:
+    def __init__(self, pool: ConnectionPool, timeout: float | None = None, join: bool = True) -> None:
         self._pool = pool
         self._timeout = timeout
-        self._conn: Connection | None = None
+        self._join = join  # False: always a borrow of its own (decorated generators)
+        self._borrow: Borrow | None = None  # our own borrow, until it ends
+        self._joined: Borrow | None = None  # the outer borrow we joined, if we did
 
     def __enter__(self) -> Connection:
         pool = self._pool
-        joined = pool._borrow.get()
-        if joined is not None:
-            return joined.conn  # nested: the outer borrow returns it
-        conn = pool.getconn(self._timeout)
+        if self._join:
+            outer = joinable(pool)
+            if outer is not None and outer.conn is not None:
+                self._joined = outer
+                return outer.conn  # nested: the outer borrow returns it
+        wait = pool.timeout if self._timeout is None else pool._checked_timeout(self._timeout)
+        conn, lease = pool._lend(wait)
         try:
-            self._token = pool._borrow.set(Borrow(conn, in_transaction=False))
+            # No Python call from here to the end of the block: the borrow exists whole or not at all.
+            borrow = Borrow()
+            borrow.conn = conn
+            borrow.thread = _get_ident()
+            borrow.generation = _fork.generation
+            borrow.in_transaction = False
+            self._lease = lease
+            self._token = pool._borrow.set(borrow)
+            self._borrow = borrow
         except BaseException:
-            pool.putconn(conn)
+            pool._return(conn, lease)
             raise
-        self._conn = conn
         return conn
 
-    def __exit__(self, *exc_info: object) -> None:
-        conn = self._conn
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        borrow = self._borrow
+        if borrow is None:
+            self._joined = None
+            return  # joined an outer borrow, or already ended
+        self._borrow = None
+        conn = borrow.conn
+        borrow.conn = None
+        pool = self._pool
+        try:
+            pool._borrow.reset(self._token)
+        except (ValueError, RuntimeError):
+            # Ended in another context (a generator finished in another thread): that context keeps
+            # an ended borrow, which nothing joins.
+            pass
         if conn is None:
             return
-        self._conn = None
         try:
-            self._pool._borrow.reset(self._token)
-        finally:
-            self._pool.putconn(conn)
-
-
-@contextlib.contextmanager
-def transaction(pool: ConnectionPool, timeout: float | None = None) -> Iterator[Connection]:
-    joined = pool._borrow.get()
-    if joined is not None and joined.in_transaction:
-        with _savepoint(joined.conn):
-            yield joined.conn
-        return
-    # Otherwise a real transaction, on the connection of a plain borrow around it or on a new one.
-    with ConnectionBorrow(pool, timeout) as conn:
-        state = pool._borrow.get()
-        assert state is not None and state.conn is conn
-        state.in_transaction = True
-        try:
-            with _real_transaction(conn):
-                yield conn
-        finally:
-            state.in_transaction = False
-
-
-@contextlib.contextmanager
-def _real_transaction(conn: Connection) -> Iterator[None]:
-    """Commit on success, roll back on any exception; works on autocommit connections too."""
-    was_autocommit = conn.autocommit
-    if was_autocommit:
-        conn.autocommit = False  # psycopg2 then opens the transaction at the first statement
-    try:
-        try:
-            yield
+            pool._return(conn, self._lease)
         except BaseException:
-            _quiet_rollback(conn)
+            pool._return(conn, self._lease)  # an interrupt on its entry: it is idempotent
             raise
-        conn.commit()
-    finally:
-        if was_autocommit and not conn.closed:
-            with contextlib.suppress(psycopg2.Error):
-                if conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
-                    conn.rollback()  # a failed commit; never leave it open
-                conn.autocommit = True
+
+    def current(self) -> Borrow | None:
+        """The borrow this block uses: its own, or the one it joined."""
+        return self._borrow if self._borrow is not None else self._joined
 
 
-@contextlib.contextmanager
-def _savepoint(conn: Connection) -> Iterator[None]:
-    name = f"pgpool_sp_{next(_savepoint_ids)}"
-    with conn.cursor() as cur:
-        cur.execute(f"SAVEPOINT {name}")
-    try:
-        yield
-    except BaseException:
-        with contextlib.suppress(psycopg2.Error), conn.cursor() as cur:
-            cur.execute(f"ROLLBACK TO SAVEPOINT {name}")
-        raise
-    with conn.cursor() as cur:
-        cur.execute(f"RELEASE SAVEPOINT {name}")
+class TransactionBorrow:
+    """``with pool.transaction() as conn``: commit on success, roll back on any exception."""
 
+    __slots__ = ("_conn", "_entry", "_join", "_plain", "_pool", "_savepoint", "_timeout", "_was_autocommit")
 
-def _quiet_rollback(conn: Connection) -> None:
-    """Roll back without masking the exception being handled (a broken connection is discarded later)."""
-    with contextlib.suppress(psycopg2.Error):
-        conn.rollback()
+    def __init__(self, pool: ConnectionPool, timeout: float | None = None, join: bool = True) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._join = join
+        self._conn: Connection | None = None
+        self._savepoint: str | None = None
+        self._plain: ConnectionBorrow | None = None
+        self._entry: Borrow | None = None
+        self._was_autocommit = False
+
+    def __enter__(self) -> Connection:
+        pool = self._pool
+        outer = joinable(pool) if self._join else None
+        if outer is not None and outer.in_transaction and outer.conn is not None:
+            conn = outer.conn
+            name = f"pgpool_sp_{next(_savepoint_ids)}"
+            with conn.cursor() as cur:
+                cur.execute(f"SAVEPOINT {name}")
+            self._savepoint = name
+            self._conn = conn
+            return conn
+        # A real transaction, on the connection of a plain borrow around it or on a new one.
+        plain = ConnectionBorrow(pool, self._timeout, self._join)
+        conn = plain.__enter__()
+        try:
+            entry = plain._borrow if plain._borrow is not None else plain._joined
+            assert entry is not None
+            self._plain = plain
+            self._entry = entry
+            entry.in_transaction = True
+            self._was_autocommit = conn.autocommit
+            if self._was_autocommit:
+                conn.autocommit = False  # psycopg2 then opens the transaction at the first statement
+            self._conn = conn
+        except BaseException as exc:
+            try:
+                plain.__exit__(type(exc), exc, exc.__traceback__)
+            except BaseException:
+                plain.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+            raise
+        return conn
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        conn = self._conn
+        if conn is None:
+            return  # ended already (pgpool's callers may call again after an interrupt)
+        self._conn = None
+        name = self._savepoint
+        if name is not None:
+            # Release the savepoint on success; roll back to it on failure (the error propagates).
+            # Only C calls: the savepoint ends, one way or the other, once this method has started.
+            if exc_type is None:
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute(f"RELEASE SAVEPOINT {name}")
+                    return
+                except BaseException:
+                    try:
+                        with conn.cursor() as cur:
+                            cur.execute(f"ROLLBACK TO SAVEPOINT {name}")
+                    except psycopg2.Error:
+                        pass
+                    raise
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(f"ROLLBACK TO SAVEPOINT {name}")
+            except psycopg2.Error:
+                pass
+            return
+        entry, plain = self._entry, self._plain
+        assert entry is not None and plain is not None
+        # Only C calls until the plain borrow ends: no interrupt can land between commit and return.
+        try:
+            if exc_type is None:
+                try:
+                    conn.commit()
+                except BaseException:
+                    try:
+                        conn.rollback()  # a failed commit; never leave it open
+                    except psycopg2.Error:
+                        pass
+                    raise
+            else:
+                try:
+                    conn.rollback()
+                except psycopg2.Error:
+                    pass  # a broken connection: the pool discards it on return
+        finally:
+            entry.in_transaction = False
+            if self._was_autocommit and not conn.closed:
+                try:
+                    if conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                        conn.rollback()
+                    conn.autocommit = True
+                except psycopg2.Error:
+                    pass
+            try:
+                plain.__exit__(exc_type, exc, tb)
+            except BaseException:
+                plain.__exit__(exc_type, exc, tb)  # an interrupt on its entry: it is idempotent
+                raise

@@ -4,8 +4,14 @@ The decorated function declares a parameter for the connection (``conn`` unless 
 otherwise) and the decorator fills it in, as a keyword. A call resolves the connection as:
 
 1. a connection the caller passed for that parameter: used as is, never committed nor returned;
-2. else the connection already borrowed from the same pool in this context (see `pgpool.borrow`);
-3. else a new borrow, returned when the call ends (a generator keeps it until exhausted or closed).
+2. else (the parameter left out, or passed as None, by keyword or by position) the connection that
+   this thread already borrowed from the same pool and still holds (see `pgpool.borrow`);
+3. else a new borrow, returned when the call ends.
+
+A decorated generator is different: it never joins the caller's borrow, since it may outlive it. It
+takes a connection of its own at its first step and keeps it until it is exhausted or closed (with
+`with_transaction`, its own transaction: committed when exhausted, rolled back when it raises or is
+closed early). Pass ``conn=`` explicitly to make it work on the caller's connection instead.
 
 Built with ``wrapt``, so names, docstrings, signatures and ``inspect`` keep working, on functions,
 instance methods, classmethods and staticmethods.
@@ -15,11 +21,14 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import threading
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 import psycopg2.extensions
 import wrapt
+
+from .borrow import ConnectionBorrow, TransactionBorrow
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -75,18 +84,19 @@ def _decorator(pool: PoolSource, argname: str, transactional: bool) -> Callable[
         def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             explicit = kwargs.get(argname)
             # On a bound method or classmethod, wrapt leaves self/cls out of args.
-            shift = 0 if instance is None else 1
-            if explicit is not None or (position is not None and len(args) > position - shift):
-                if explicit is None:
-                    explicit = args[position - shift]  # type: ignore[operator]
+            index = None if position is None else position - (0 if instance is None else 1)
+            if index is not None and len(args) > index:
+                explicit = args[index]
+                args = args[:index] + args[index + 1 :]  # passed by position: pass it on by keyword
+                kwargs = {**kwargs, argname: explicit}
+            if explicit is not None:
                 _check_explicit(explicit, fname, argname)
                 return wrapped(*args, **kwargs)
+            # None, by position or keyword, means "borrow one", like leaving the parameter out.
             the_pool = get_pool()
-            borrow = the_pool.transaction if transactional else the_pool.connection
             if is_generator:
-                return _generator_with_borrow(borrow, wrapped, args, kwargs, argname)
-            with borrow() as conn:
-                return wrapped(*args, **{**kwargs, argname: conn})
+                return _generator_with_borrow(the_pool, transactional, wrapped, args, kwargs, argname)
+            return _call_with_borrow(the_pool, transactional, wrapped, args, kwargs, argname)
 
         return wrapt.FunctionWrapper(func, wrapper)  # type: ignore[return-value]
 
@@ -120,42 +130,103 @@ def _check_explicit(conn: object, fname: str, argname: str) -> None:
         raise ValueError(f"{fname}() got a closed connection for {argname!r}")
 
 
+def _call_with_borrow(
+    pool: ConnectionPool,
+    transactional: bool,
+    wrapped: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    argname: str,
+) -> Any:
+    """Call `wrapped` with a borrowed connection; give it back whatever happens, interrupts included.
+
+    Not a ``with`` statement: an interrupt landing on the entry of ``__exit__`` would skip it. Every
+    exit here is called again in that case (exits are idempotent), and an exit that fails after the
+    function returned rolls back, since the caller then sees an exception, not a result.
+    """
+    borrow: ConnectionBorrow | TransactionBorrow
+    borrow = TransactionBorrow(pool) if transactional else ConnectionBorrow(pool)
+    conn = borrow.__enter__()
+    try:
+        result = wrapped(*args, **{**kwargs, argname: conn})
+    except BaseException as exc:
+        try:
+            borrow.__exit__(type(exc), exc, exc.__traceback__)
+        except BaseException:
+            borrow.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        raise
+    try:
+        borrow.__exit__(None, None, None)
+    except BaseException as exc:
+        borrow.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    return result
+
+
 def _generator_with_borrow(
-    borrow: Callable[[], Any],
+    pool: ConnectionPool,
+    transactional: bool,
     wrapped: Callable[..., Generator[Any, Any, Any]],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     argname: str,
 ) -> Generator[Any, Any, Any]:
-    """Run a generator holding a borrow until it is exhausted or closed.
+    """Run a generator holding a borrow of its own until it is exhausted or closed.
 
-    Each step runs in a private copy of the context taken at the first step, so the borrow is
-    visible inside the generator but never leaks into the code iterating it.
+    A decorated generator never joins the caller's borrow: it outlives the caller's block as long as
+    its consumer wants, so it takes its own connection at its first step (its own transaction, with
+    `with_transaction`: committed when exhausted, rolled back when it raises or is closed early).
+    Each step runs in a private copy of the context, so the borrow is visible inside the generator
+    (nested borrows there join it, from whichever thread runs the step) and never leaks into the
+    code iterating it.
     """
-
-    def body() -> Generator[Any, Any, Any]:
-        with borrow() as conn:
-            return (yield from wrapped(*args, **{**kwargs, argname: conn}))
-
     ctx = contextvars.copy_context()
-    inner = ctx.run(body)
+    borrow: ConnectionBorrow | TransactionBorrow
+    borrow = TransactionBorrow(pool, join=False) if transactional else ConnectionBorrow(pool, join=False)
+    conn = ctx.run(borrow.__enter__)
     try:
-        value = ctx.run(next, inner)
-    except StopIteration as stop:
-        return stop.value
-    while True:
+        own = ctx.run(pool._borrow.get)
+        inner = ctx.run(wrapped, *args, **{**kwargs, argname: conn})
         try:
-            sent = yield value
-        except GeneratorExit:
-            ctx.run(inner.close)
-            raise
-        except BaseException as exc:  # thrown in by the consumer: pass it to the body
-            try:
-                value = ctx.run(inner.throw, exc)
-            except StopIteration as stop:
-                return stop.value
+            if own is not None:
+                own.thread = threading.get_ident()
+            value = ctx.run(next, inner)
+        except StopIteration as stop:
+            result = stop.value
         else:
-            try:
-                value = ctx.run(inner.send, sent)
-            except StopIteration as stop:
-                return stop.value
+            while True:
+                try:
+                    sent = yield value
+                except GeneratorExit:
+                    ctx.run(inner.close)
+                    raise
+                except BaseException as exc:  # thrown in by the consumer: pass it to the body
+                    if own is not None:
+                        own.thread = threading.get_ident()
+                    try:
+                        value = ctx.run(inner.throw, exc)
+                    except StopIteration as stop:
+                        result = stop.value
+                        break
+                else:
+                    if own is not None:
+                        own.thread = threading.get_ident()  # the borrow follows the thread running it
+                    try:
+                        value = ctx.run(inner.send, sent)
+                    except StopIteration as stop:
+                        result = stop.value
+                        break
+    except BaseException as exc:
+        try:
+            ctx.run(borrow.__exit__, type(exc), exc, exc.__traceback__)
+        except BaseException:
+            ctx.run(borrow.__exit__, type(exc), exc, exc.__traceback__)
+            raise
+        raise
+    try:
+        ctx.run(borrow.__exit__, None, None, None)
+    except BaseException as exc:
+        ctx.run(borrow.__exit__, type(exc), exc, exc.__traceback__)
+        raise
+    return result

@@ -34,16 +34,23 @@ class Housekeeper:
         self.started = False  # read without a lock on the getconn path: start() is idempotent
 
     def start(self) -> None:
+        """Start the thread, unless it runs or the pool is closing; `started` is set only once it runs.
+
+        An interrupt during ``Thread.start`` leaves `started` false: the next call starts one anew
+        (a thread that did start meanwhile stops by itself with the pool).
+        """
         with self._start_lock:
+            if self.started or self._stop.is_set():
+                return
+            thread = threading.Thread(
+                target=_run,
+                args=(self._pool, self._stop, self._wake),
+                name=f"{self._name}-housekeeper",
+                daemon=True,
+            )
+            self._thread = thread
+            thread.start()
             self.started = True
-            if self._thread is None and not self._stop.is_set():
-                self._thread = threading.Thread(
-                    target=_run,
-                    args=(self._pool, self._stop, self._wake),
-                    name=f"{self._name}-housekeeper",
-                    daemon=True,
-                )
-                self._thread.start()
 
     def kick(self) -> None:
         """Ask for a round of housekeeping now (e.g. to refill minconn after clear())."""
@@ -54,7 +61,10 @@ class Housekeeper:
         self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(_JOIN_TIMEOUT)
+            try:
+                thread.join(_JOIN_TIMEOUT)
+            except RuntimeError:
+                pass  # never started (its start was interrupted): nothing to wait for
 
 
 def _run(pool_ref: weakref.ref[ConnectionPool], stop: threading.Event, wake: threading.Event) -> None:

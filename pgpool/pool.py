@@ -1,32 +1,41 @@
-"""The pool core: `ConnectionPool` and `ThreadSafeConnectionPool`.
+"""The public pools: `ConnectionPool` and `ThreadSafeConnectionPool`, a façade over the state machine.
 
-A port of the ``psycopg2_pool`` module's behaviour (LIFO idle list, ``idle_timeout``, ``minconn`` refill,
-rollback on return) with its defects fixed, plus what production use needs: waiting with a timeout,
-connects outside the lock, health checks, lifetime limits, hooks, stats, logging and fork safety.
+A port of the ``psycopg2_pool`` module's behaviour (LIFO idle list, ``idle_timeout``, ``minconn``
+refill, rollback on return) with its defects fixed, plus what production use needs. Where things live:
+
+- `pgpool._state`: what is idle, lent, opening, closing, waiting (no I/O);
+- `pgpool._connect`: opening connections (settings validation, connect, configure, retry policy);
+- `pgpool._session`: the checks before a lend and the cleanup after a return;
+- `pgpool.housekeeping`: the background thread; `pgpool._fork`: fork safety;
+- `pgpool.borrow`, `pgpool.decorators`: borrowing that cannot leak.
+
+How a call stays safe under interrupts: what a `getconn` holds at any instant (a taken connection, a
+reserved slot, a place in line, connections to close) is recorded in one `Claim`; a failure or an
+interrupt anywhere gives the whole claim back through one idempotent method, called again if an
+interrupt lands on its own entry. A slot is freed only after its connection is closed.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import random
-import threading
+import math
 import time
 import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import Any
 
 import psycopg2
 import psycopg2.extensions
 
-from . import _fork, borrow
-from ._records import IDLE, LENT, RETURNING, ConnInfo, Waiter
-from ._secrets import find_secrets, redact
-from .errors import PoolClosed, PoolError, PoolTimeout
-from .health import check_connection, socket_readable
+from . import _fork, _session, borrow
+from ._connect import Connector, backoff, retryable
+from ._records import RETURNING, Claim, ConnInfo
+from ._state import WAIT, PoolState
+from .errors import PoolError, PoolTimeout
+from .health import socket_readable
 from .housekeeping import Housekeeper
 
 __all__ = ["ConnectionPool", "ThreadSafeConnectionPool"]
@@ -36,22 +45,10 @@ Hook = Callable[[Connection], Any]
 
 logger = logging.getLogger("pgpool")
 
-_STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
-_STATUS_ACTIVE = psycopg2.extensions.TRANSACTION_STATUS_ACTIVE
-_STATUS_UNKNOWN = psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN
 _names = itertools.count(1)
-_LIFETIME_JITTER = 0.05  # up to 5% earlier, so a pool's connections do not all expire together
 _WAIT_SLICE = 0.5  # a waiter re-checks for slots freed by garbage-collected leaks this often
-
-_STAT_COUNTERS = (
-    "checkouts",
-    "connections_opened",
-    "connections_closed",
-    "connect_errors",
-    "timeouts",
-    "broken_discarded",
-    "wait_ms_total",
-)
+_TRANSIENT_WAIT = 30.0  # without a timeout, the longest wait for a slot held by a refill or a close
+_LIFETIME_JITTER = 0.05
 
 
 def _check_hook(name: str, hook: object) -> None:
@@ -59,31 +56,30 @@ def _check_hook(name: str, hook: object) -> None:
         raise TypeError(f"{name} must be a callable taking a connection, got {hook!r}")
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
 class ConnectionPool:
     """A pool of psycopg2 connections, for one thread.
 
     `getconn` lends a connection and `putconn` takes it back: after `getconn` you must call `putconn`,
     or better, borrow with ``with pool.connection() as conn:``, which cannot forget. Connections are
-    opened on demand up to `maxconn`; `minconn` of them are opened at construction and kept open.
+    opened on demand up to `maxconn`; `minconn` of them are opened at construction and kept open
+    (this class reopens them inside `putconn`, as ``psycopg2_pool`` does).
 
-    Attributes, as in ``psycopg2_pool``:
-
-    - `minconn`, `maxconn`, `idle_timeout`, `connect_kwargs`: the construction arguments;
-    - `idle_connections`: a deque of the idle connections, the most recently returned on the right
-      (lent first: last in, first out);
-    - `connections_in_use`: a weak set of the connections lent and not yet returned; the pool holds
-      lent connections weakly, so a leaked one that is garbage collected frees its slot;
-    - `return_times`: idle connection -> ``time.monotonic()`` of its return.
-
-    Read them, do not change them: they are the pool's state.
+    Attributes, as in ``psycopg2_pool``: `minconn`, `maxconn`, `idle_timeout`, `connect_kwargs`;
+    `idle_connections` (a deque, the most recently returned on the right: last in, first out);
+    `connections_in_use` (a weak set snapshot of the lent connections); `return_times` (idle
+    connection -> ``time.monotonic()`` of its return). Read them, do not change them.
 
     The pool has a lock even in this single-threaded class, because its housekeeping thread changes
-    its state too (an uncontended lock costs tens of nanoseconds). This class refuses ``timeout > 0``:
-    with one thread, nobody could return a connection while `getconn` waits. Use
-    `ThreadSafeConnectionPool` from several threads.
+    its state too. This class refuses ``timeout > 0``: with one thread, nobody could return a
+    connection while `getconn` waits. Use `ThreadSafeConnectionPool` from several threads.
     """
 
     _can_wait = False
+    _refill_in_background = False
 
     def __init__(
         self,
@@ -104,9 +100,6 @@ class ConnectionPool:
         self._validate(minconn, maxconn, idle_timeout, timeout, max_lifetime, leak_timeout)
         for hook_name, hook in (("check", check), ("configure", configure), ("reset", reset)):
             _check_hook(hook_name, hook)
-        self.minconn = minconn
-        self.maxconn = maxconn
-        self.idle_timeout = idle_timeout
         self.timeout = float(timeout)
         self.check = check
         self.configure = configure
@@ -115,44 +108,14 @@ class ConnectionPool:
         self.leak_timeout = leak_timeout
         connect_kwargs.setdefault("dsn", "")
         self.connect_kwargs = connect_kwargs
-        self._secrets = find_secrets(connect_kwargs)
-        try:
-            psycopg2.extensions.parse_dsn(connect_kwargs["dsn"] or "")
-        except psycopg2.ProgrammingError as exc:
-            # psycopg2's message quotes the dsn, password included.
-            raise ValueError(f"invalid dsn for pool {self.name!r}: {self._redact(str(exc).strip())}") from None
-
-        # State is only mutated under self._lock, even in the single-threaded pool: the housekeeping
-        # thread changes it too. Slow work (connect, close, queries) happens after releasing it.
-        # The one exception is _collected below, which only removes a dict entry (atomic).
-        self._lock = threading.Lock()
-        self.idle_connections: deque[Connection] = deque()  # ready to lend, newest on the right
-        self.return_times: dict[Connection, float] = {}  # idle connection -> when it became idle
-        # Every open connection of the pool -> its info. Keys are weak references: a lent connection
-        # that is leaked and garbage collected drops out by itself, freeing its slot.
-        self._conns: dict[weakref.ref[Connection], ConnInfo] = {}
-        self._pending = 0  # slots reserved for connections being opened
-        self._waiters: deque[Waiter] = deque()  # threads queued in getconn, oldest on the left
-        self._closed = False
-        self._stats = dict.fromkeys(_STAT_COUNTERS, 0)
+        self._connector = Connector(self.name, connect_kwargs, configure, max_lifetime)
+        self._state = PoolState(self.name, minconn, maxconn, idle_timeout)
         self._housekeeper = Housekeeper(self)
         self._borrow = borrow.new_borrow_var(self.name)
-        conns = self._conns
-
-        def collected(ref: weakref.ref[Connection]) -> None:
-            conns.pop(ref, None)
-
-        self._collected = collected
+        self._keys: dict[Any, Connection] = {}  # psycopg2.pool's getconn(key): key -> its connection
         _fork.track(self)
-
         try:
-            for _ in range(minconn):
-                with self._lock:
-                    self._pending += 1
-                conn, info = self._open_connection()
-                with self._lock:
-                    self._adopt_locked(conn, info)
-                    self._make_idle_locked(conn, info, time.monotonic())
+            self._open_minconn_at_start()
         except BaseException:
             self.close()
             raise
@@ -167,110 +130,27 @@ class ConnectionPool:
         leak_timeout: float | None,
     ) -> None:
         where = f"(pool {self.name!r})"
-        if not isinstance(minconn, int) or minconn < 0:
+        if isinstance(idle_timeout, str):
+            raise ValueError(
+                f"idle_timeout must be a number of seconds, got the string {idle_timeout!r} {where}: "
+                "pass the dsn as dsn=... (psycopg2.pool takes it as the third positional argument, pgpool does not)"
+            )
+        if not isinstance(minconn, int) or isinstance(minconn, bool) or minconn < 0:
             raise ValueError(f"minconn must be an integer >= 0, got {minconn!r} {where}")
-        if not isinstance(maxconn, (int, float)) or not maxconn >= 1:
+        if not _is_number(maxconn) or not maxconn >= 1:
             raise ValueError(f"maxconn must be >= 1, got {maxconn!r} {where}")
         if maxconn < minconn:
             raise ValueError(f"maxconn must be >= minconn (got minconn={minconn}, maxconn={maxconn}) {where}")
-        if not isinstance(idle_timeout, (int, float)) or idle_timeout < 0:
+        if not _is_number(idle_timeout) or idle_timeout < 0:
             raise ValueError(f"idle_timeout must be a number of seconds >= 0, got {idle_timeout!r} {where}")
         self._checked_timeout(timeout)
         for label, value in (("max_lifetime", max_lifetime), ("leak_timeout", leak_timeout)):
-            if value is not None and (not isinstance(value, (int, float)) or not value > 0):
+            if value is not None and (not _is_number(value) or not value > 0):
                 raise ValueError(f"{label} must be None or a number of seconds > 0, got {value!r} {where}")
-
-    # -- lending -------------------------------------------------------------------------------
-
-    def getconn(self, timeout: float | None = None) -> Connection:
-        """Lend a connection; give it back with `putconn` when done.
-
-        Takes the most recently returned idle connection, skipping (and closing) any that is not idle
-        on the server, has been idle longer than `idle_timeout`, outlived `max_lifetime`, was closed
-        by the server, or fails the `check` hook. Opens a new connection when none is idle, unless
-        `maxconn` are already open: then waits up to `timeout` seconds (the pool's `timeout` when not
-        given) for one to come back, and raises `PoolTimeout`; with no timeout, raises `PoolError`
-        at once. A connect error reaches the caller, unless a timeout allows retrying it.
-        """
-        wait = self.timeout if timeout is None else self._checked_timeout(timeout)
-        conn = self._get_ready_connection(wait)
-        if self.leak_timeout is not None:
-            self._note_borrow(conn)
-        return conn
-
-    def _get_ready_connection(self, wait: float) -> Connection:
-        deadline = time.monotonic() + wait if wait > 0 else 0.0
-        attempt = 0
-        last_error: Exception | None = None
-        while True:
-            to_close: list[Connection] = []
-            waiter: Waiter | None = None
-            reserved = False
-            exhausted = ""
-            with self._lock:
-                if self._closed:
-                    raise PoolClosed(f"pool {self.name!r} is closed")
-                found = self._pop_idle_locked(to_close) if self.idle_connections else None
-                if found is None:
-                    if not self._waiters and len(self._conns) + self._pending < self.maxconn:
-                        self._pending += 1
-                        reserved = True
-                    elif wait > 0:
-                        waiter = Waiter()
-                        self._waiters.append(waiter)
-                    else:
-                        exhausted = self._exhausted_message_locked()
-            if to_close:
-                self._close_connections(to_close, "idle too long, expired or not idle")
-            if not self._housekeeper.started:
-                self._housekeeper.start()
-            if found is not None:
-                conn, info = found
-                if self._lendable(conn, info):
-                    return conn
-                continue
-            if waiter is not None:
-                try:
-                    handed = self._wait(waiter, deadline, wait, last_error)
-                except BaseException:
-                    self._leave_line(waiter)
-                    raise
-                if handed is not None:
-                    conn, info = handed
-                    if self._lendable(conn, info):
-                        return conn
-                    continue
-            elif not reserved:
-                raise PoolError(exhausted)
-            # We hold a reserved slot: open a connection in it.
-            try:
-                conn, info = self._open_connection()
-            except BaseException as exc:
-                self._release_slot()
-                if wait <= 0 or not isinstance(exc, Exception):
-                    raise
-                last_error = exc
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self._count_timeout()
-                    raise PoolTimeout(self._timeout_message(wait, exc)) from exc
-                # Exponential backoff with jitter, so that many threads do not hammer a server that
-                # is coming back up.
-                time.sleep(min(remaining, random.uniform(0.5, 1.0) * min(2.0, 0.05 * 2**attempt)))
-                attempt += 1
-                continue
-            with self._lock:
-                if not self._closed:
-                    self._adopt_locked(conn, info)
-                    self._stats["checkouts"] += 1
-                    return conn
-                self._pending -= 1
-            self._close_connections([conn], "pool closed while connecting")
-            raise PoolClosed(f"pool {self.name!r} is closed")
 
     def _checked_timeout(self, timeout: float) -> float:
         """Validate a timeout, the pool's or a call's."""
-        if not isinstance(timeout, (int, float)) or not timeout >= 0:
+        if not _is_number(timeout) or not timeout >= 0:
             raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r} (pool {self.name!r})")
         if timeout > 0 and not self._can_wait:
             raise ValueError(
@@ -279,391 +159,339 @@ class ConnectionPool:
             )
         return float(timeout)
 
-    def _pop_idle_locked(self, to_close: list[Connection]) -> tuple[Connection, ConnInfo] | None:
-        """Take the newest idle connection fit to lend; move unfit ones to `to_close`."""
-        now = time.monotonic()
-        idle_timeout = self.idle_timeout
-        while self.idle_connections:
-            conn = self.idle_connections.pop()
-            returned = self.return_times.pop(conn, 0.0)
-            info = self._conns[weakref.ref(conn)]
-            if (
-                conn.closed
-                or conn.get_transaction_status() != _STATUS_IDLE
-                or (idle_timeout and now - returned > idle_timeout)
-                or (info.expires is not None and now >= info.expires)
-            ):
-                self._forget_locked(conn)
-                to_close.append(conn)
-                continue
-            info.state = LENT
-            self._stats["checkouts"] += 1
-            return conn, info
-        return None
+    # -- the psycopg2_pool attributes ----------------------------------------------------------
 
-    def _note_borrow(self, conn: Connection) -> None:
-        """Remember when and where `conn` was borrowed, for leak reports."""
-        stack = traceback.format_stack()[:-2]  # formatted outside the lock: it is slow
-        with self._lock:
-            info = self._conns.get(weakref.ref(conn))
-            if info is not None:
-                info.borrowed_at = time.monotonic()
-                info.stack = stack
+    @property
+    def minconn(self) -> int:
+        return self._state.minconn
 
-    def _lendable(self, conn: Connection, info: ConnInfo) -> bool:
-        """Run the health checks that need no lock on a connection just taken; discard it if it fails."""
-        if info.probe.poll(0):
-            # The server closed it or sent a notification: only a real round trip tells which.
+    @property
+    def maxconn(self) -> float:
+        return self._state.maxconn
+
+    @property
+    def idle_timeout(self) -> float:
+        return self._state.idle_timeout
+
+    @property
+    def idle_connections(self) -> deque[Connection]:
+        return self._state.idle
+
+    @property
+    def return_times(self) -> dict[Connection, float]:
+        return self._state.return_times
+
+    @property
+    def connections_in_use(self) -> Any:
+        """The connections lent and not yet returned, as a weak set (a snapshot)."""
+        return weakref.WeakSet(self._state.lent_connections())
+
+    # -- lending -------------------------------------------------------------------------------
+
+    def getconn(self, key: Any = None, *, timeout: float | None = None) -> Connection:
+        """Lend a connection; give it back with `putconn` when done.
+
+        Takes the most recently returned idle connection, skipping (and closing) any that is not idle
+        on the server, has been idle longer than `idle_timeout` (beyond `minconn`), outlived
+        `max_lifetime`, was closed by the server, or fails the `check` hook. Opens a new connection
+        when none is idle, unless `maxconn` are already open: then waits up to `timeout` seconds (the
+        pool's `timeout` when not given) for one to come back, and raises `PoolTimeout`; with no
+        timeout, raises `PoolError` at once when `maxconn` connections are lent. A connect error
+        reaches the caller, unless a timeout allows retrying it.
+
+        `key`, as in ``psycopg2.pool``: the same key gets the same connection until it is put back.
+        """
+        wait = self.timeout if timeout is None else self._checked_timeout(timeout)
+        if key is not None:
+            return self._getconn_keyed(key, wait)
+        return self._lend(wait)[0]
+
+    def _getconn_keyed(self, key: Any, wait: float) -> Connection:
+        held = self._keys.get(key)
+        if held is not None:
+            return held
+        conn, _ = self._lend(wait)
+        self._keys[key] = conn
+        return conn
+
+    def _lend(self, wait: float) -> tuple[Connection, int]:
+        """Lend a connection and its lease number (which tells this borrow from the next)."""
+        if not self._housekeeper.started:
+            self._housekeeper.start()  # before anything is taken: an interrupt here loses nothing
+        state = self._state
+        start = time.monotonic()
+        deadline = start + wait if wait > 0 else start + _TRANSIENT_WAIT
+        attempt = 0
+        first_error: BaseException | None = None
+        claim = Claim()
+        # From here on, whatever the claim holds is given back by the except clause at the bottom.
+        try:
+            while True:
+                from_waiter = False
+                if not claim.slot:
+                    outcome = state.acquire(claim, time.monotonic(), wait > 0)
+                    if claim.to_close:
+                        self._close_dropped(claim.to_close)
+                    if outcome is WAIT:
+                        self._wait(claim, deadline, wait, first_error)
+                        from_waiter = True
+                    elif outcome is not None:
+                        raise PoolError(outcome)
+                fresh = claim.slot
+                if claim.slot:
+                    try:
+                        self._connector.open(claim)
+                    except Exception as exc:
+                        if claim.new_conn is not None or not retryable(exc):
+                            raise  # configure failed, or a bad setting: no retry can fix it
+                        state.count("connect_errors")
+                        attempt += 1
+                        first_error = self._note_connect_error(exc, attempt, first_error)
+                        remaining = deadline - time.monotonic()
+                        if wait <= 0:
+                            raise
+                        state.release_slot(claim)
+                        if remaining <= 0:
+                            state.count("timeouts")
+                            raise PoolTimeout(self._timeout_message(wait, exc)) from exc
+                        time.sleep(min(remaining, backoff(attempt - 1)))
+                        continue
+                    if not state.adopt(claim, time.monotonic(), lend=True):
+                        self._close_dropped(claim.to_close)
+                        raise PoolError(f"pool {self.name!r} was closed while connecting")
+                if claim.conn is None:
+                    continue
+                assert claim.info is not None
+                problem = _session.lend_problem(claim.conn, claim.info, self.check, self._connector.redact)
+                if problem is None:
+                    if attempt:
+                        logger.info("pool %r: connected after %d failed attempts", self.name, attempt)
+                    if self.leak_timeout is not None:
+                        self._note_borrow(claim.info)
+                    conn, lease = claim.conn, claim.info.lease
+                    claim.conn = claim.info = None  # the caller owns it now
+                    return conn, lease
+                # A waiter keeps its place in line: it reopens in the slot of the connection it was
+                # handed. A new connection that fails its check counts as a failed connect.
+                state.drop_claimed(claim, problem, broken=True)
+                self._close_dropped(claim.to_close, keep_slot_for=claim if from_waiter or fresh else None)
+                if fresh:
+                    attempt += 1
+                    error = PoolError(f"pool {self.name!r}: a new connection failed its check: {problem}")
+                    first_error = first_error or error
+                    remaining = deadline - time.monotonic()
+                    if wait <= 0:
+                        raise error
+                    if remaining <= 0:
+                        state.count("timeouts")
+                        raise PoolTimeout(self._timeout_message(wait, error)) from error
+                    time.sleep(min(remaining, backoff(attempt - 1)))
+        except BaseException:
             try:
-                check_connection(conn)
-            except Exception as exc:
-                self._discard(conn, f"closed by the server ({self._redact(str(exc).strip())})")
-                return False
-        if self.check is not None:
-            try:
-                self.check(conn)
-                if conn.get_transaction_status() != _STATUS_IDLE:
-                    conn.rollback()
-            except Exception as exc:
-                self._discard(conn, f"check failed ({self._redact(str(exc).strip())})")
-                return False
-        return True
+                self._give_back_claim(claim)
+            except BaseException:
+                self._give_back_claim(claim)  # an interrupt on its entry: it is idempotent
+                raise
+            raise
 
-    def _wait(
-        self, waiter: Waiter, deadline: float, wait: float, last_error: Exception | None
-    ) -> tuple[Connection, ConnInfo] | None:
-        """Wait in line; return a connection handed over, or None when a slot was reserved for us."""
+    def _give_back_claim(self, claim: Claim) -> None:
+        """Give back all a failed or interrupted getconn holds. Idempotent: safe to call again."""
+        state = self._state
+        state.leave_line(claim)
+        state.drop_claimed(claim, "getconn interrupted or failed")
+        self._close_dropped(claim.to_close)
+        state.release_slot(claim)
+
+    def _note_connect_error(self, exc: BaseException, attempt: int, first: BaseException | None) -> BaseException:
+        """Log the first connect failure of a getconn at WARNING; later ones (retries) at DEBUG."""
+        text = self._connector.redact(str(exc).strip())
+        if first is None:
+            logger.warning("pool %r: connect failed: %s", self.name, text)
+            return exc
+        logger.debug("pool %r: connect attempt %d failed: %s", self.name, attempt, text)
+        return first
+
+    def _wait(self, claim: Claim, deadline: float, wait: float, error: BaseException | None) -> None:
+        """Wait in line until served (the outcome moves into the claim) or the deadline passes."""
+        waiter = claim.waiter
+        assert waiter is not None
+        state = self._state
         while True:
-            remaining = deadline - time.monotonic()
-            served = False
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining > 0:
-                waiter.sleep(min(remaining, _WAIT_SLICE))
-                # Whoever served us did so under the lock before waking us: no need to take it again.
-                served = waiter.served()
-            if not served:
-                with self._lock:
-                    if not waiter.served() and remaining > 0:
-                        # A leaked connection may have been garbage collected, freeing its slot.
-                        self._grant_free_slots_locked()
-                    served = waiter.served()
-                    if not served:
-                        if remaining > 0:
-                            waiter.rearm()
-                        else:
-                            self._waiters.remove(waiter)
-                            self._stats["timeouts"] += 1
-                            self._stats["wait_ms_total"] += int((time.monotonic() - waiter.since) * 1000)
-            # Whatever the clock says, a waiter that was served keeps what it was given.
-            if served:
-                if waiter.error is not None:
-                    raise waiter.error
-                if waiter.conn is None:
-                    return None
-                return waiter.conn, self._conns[weakref.ref(waiter.conn)]
+                if waiter.signal.acquire(True, min(remaining, _WAIT_SLICE)):
+                    break  # served: whoever served us did it under the lock before the release
+                now = time.monotonic()
+                remaining = deadline - now
+            if state.recheck_waiter(waiter, remaining <= 0, now):
+                break  # a waiter that was served keeps what it got, whatever the clock says
             if remaining <= 0:
-                break
-        msg = self._timeout_message(wait, last_error)
-        logger.warning("%s", msg)
-        if last_error is not None:
-            raise PoolTimeout(msg) from last_error
-        raise PoolTimeout(msg)
+                claim.waiter = None  # out of the line (recheck_waiter removed it)
+                raise PoolTimeout(self._timeout_message(wait, error)) from error
+        state.collect(claim, time.monotonic())
 
-    def _leave_line(self, waiter: Waiter) -> None:
-        """A waiter is leaving abnormally (interrupted, pool closed): give back what it was given."""
-        with self._lock:
-            if not waiter.served():
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-                return
-            if waiter.may_connect:
-                self._pending -= 1
-                self._grant_free_slots_locked()
-            elif waiter.conn is not None:
-                info = self._conns.get(weakref.ref(waiter.conn))
-                if info is not None:
-                    self._give_locked(waiter.conn, info, time.monotonic())
-            waiter.conn, waiter.may_connect = None, False
+    def _note_borrow(self, info: ConnInfo) -> None:
+        """Remember when and where a connection was borrowed, for leak reports."""
+        info.stack = traceback.format_stack()[:-3]
+        info.borrowed_at = time.monotonic()
 
-    def _timeout_message(self, wait: float, error: Exception | None) -> str:
-        with self._lock:
-            in_use = len(self._conns) - len(self.idle_connections)
+    def _timeout_message(self, wait: float, error: BaseException | None) -> str:
+        counts = self._state.counts()
+        waited = f"after {wait:.2f} sec" if wait > 0 else f"after {_TRANSIENT_WAIT} sec waiting for a refill or close"
         msg = (
-            f"couldn't get a connection from pool {self.name!r} after {wait:.2f} sec "
-            f"(maxconn={self.maxconn}, {in_use} in use)"
+            f"couldn't get a connection from pool {self.name!r} {waited} "
+            f"(maxconn={self.maxconn}, {counts['in_use']} in use)"
         )
         if error is not None:
-            msg += f"; last connect error: {self._redact(str(error).strip())}"
+            what = "connect error" if retryable(error) else "error"
+            msg += f"; last {what}: {self._connector.redact(str(error).strip())}"
         return msg
-
-    def _exhausted_message_locked(self) -> str:
-        return (
-            f"connection pool exhausted: pool {self.name!r} has all maxconn={self.maxconn} connections "
-            f"in use ({len(self._conns) - len(self.idle_connections)} lent, {self._pending} opening)"
-        )
-
-    def _count_timeout(self) -> None:
-        with self._lock:
-            self._stats["timeouts"] += 1
 
     # -- returning -----------------------------------------------------------------------------
 
-    def putconn(self, conn: Connection, close: bool = False) -> None:
+    def putconn(self, conn: Connection | None = None, key: Any = None, close: bool = False) -> None:
         """Take back a connection lent by `getconn`; with ``close=True`` it is closed, not kept.
 
-        Whatever the borrower left uncommitted is rolled back, and the connection's autocommit,
-        isolation level, readonly and deferrable settings are restored; then the `reset` hook runs.
-        A broken connection, or one whose cleanup fails, is discarded: `putconn` never raises
-        because of the connection's state, and the housekeeper reopens connections up to `minconn`
-        in the background (putconn itself never waits for a connect). It raises `PoolError` for a
-        connection this pool did not lend or that was already returned, and then changes nothing.
+        Whatever the borrower left uncommitted is rolled back; the session characteristics and the
+        client encoding are restored, notices and notifications cleared; then the `reset` hook runs.
+        A broken connection, or one whose cleanup fails, is discarded: `putconn` never raises because
+        of the connection's state. It raises `PoolError` for a connection this pool did not lend or
+        that was already returned, and then changes nothing. `key`, as in ``psycopg2.pool``.
         """
+        if key is not None:
+            if conn is None:
+                conn = self._keys.get(key)
+                if conn is None:
+                    raise PoolError(f"no connection is lent under key {key!r} by pool {self.name!r}")
+            if self._keys.get(key) is conn:
+                del self._keys[key]
+        if not isinstance(close, bool):
+            raise TypeError(f"close must be True or False, got {close!r} (pool {self.name!r})")
         if not isinstance(conn, Connection):
             raise PoolError(
                 f"pool {self.name!r} can only take back a psycopg2 connection it lent, got {type(conn).__name__}"
             )
-        key = weakref.ref(conn)
+        if _fork.is_disowned(conn):
+            return  # inherited through fork and already disowned: nothing to give back
+        for held_key, held in list(self._keys.items()):
+            if held is conn:
+                del self._keys[held_key]
+        self._return(conn, None, close)
+
+    def _return(self, conn: Connection, lease: int | None, close: bool = False) -> None:
+        """Take back `conn`. With a `lease` (internal callers), idempotent: a borrow that ended already,
+        or whose return was cut short by an interrupt, is finished or left alone, never refused."""
+        state = self._state
         to_close: list[tuple[Connection, str]] = []
-        with self._lock:
-            info = self._conns.get(key)
-            if info is None or info.state is not LENT:
-                raise PoolError(self._refusal(info))
-            slow = close or conn.closed or self.reset is not None or info.needs_cleanup(conn)
-            if slow:
-                info.state = RETURNING  # still counted, and a second putconn is refused
-            else:
-                self._settle_locked(conn, info, None, to_close)  # clean: done in one go
-        if slow:
-            # Cleanup is network I/O (rollback, reset): outside the lock.
-            reason = self._return_reason(conn, close)
-            try:
-                if reason is None:
-                    reason = self._clean(conn, info)
-            except BaseException:  # interrupted (KeyboardInterrupt): drop it, then let it propagate
-                with self._lock:
-                    self._settle_locked(conn, info, "cleanup interrupted", to_close)
-                self._close_connections([c for c, _ in to_close], "cleanup interrupted")
-                raise
-            with self._lock:
-                self._settle_locked(conn, info, reason, to_close)
-        if to_close:
-            for old, why in to_close:
-                self._close_connections([old], why)
-            # Reopening to minconn is the housekeeper's job: putconn never waits for a connect.
-            self._housekeeper.kick()
-
-    def _refusal(self, info: ConnInfo | None) -> str:
-        if info is None:
-            return f"connection not lent by pool {self.name!r}: putconn refused a foreign connection"
-        return f"connection already returned to pool {self.name!r}: putconn called twice"
-
-    def _return_reason(self, conn: Connection, close: bool) -> str | None:
-        """Tell why a returned connection cannot be kept, before any cleanup (None: it may be)."""
-        if close:
-            return "closed on request"
-        if conn.closed:
-            # psycopg2 sets closed=2 when the connection broke, 1 when the borrower closed it.
-            return "broken (connection lost)" if conn.closed == 2 else "returned closed"
-        status = conn.get_transaction_status()
-        if status == _STATUS_IDLE:
-            return None
-        if status == _STATUS_UNKNOWN:
-            return "broken"
-        if status == _STATUS_ACTIVE:
-            return "returned with a command in progress (ACTIVE)"
-        return None  # in a transaction: rolled back by _clean
-
-    def _clean(self, conn: Connection, info: ConnInfo) -> str | None:
-        """Roll back, restore the settings, run the reset hook; say why it failed, if it did."""
-        try:
-            if conn.get_transaction_status() != _STATUS_IDLE:
-                conn.rollback()
-            info.restore_settings(conn)
-            if self.reset is not None:
-                self.reset(conn)
-                if conn.get_transaction_status() != _STATUS_IDLE:
-                    conn.rollback()
-        except Exception as exc:
-            return f"cleanup failed ({self._redact(str(exc).strip())})"
-        return None
-
-    def _settle_locked(
-        self, conn: Connection, info: ConnInfo, reason: str | None, to_close: list[tuple[Connection, str]]
-    ) -> None:
-        """Keep or drop a returned connection (appended to `to_close`), and evict stale idle ones."""
         now = time.monotonic()
-        if reason is None:
-            if self._closed:
-                reason = "pool closed"
-            elif self.idle_timeout == 0 and len(self.idle_connections) >= self.minconn:
-                reason = "idle_timeout is 0 and minconn are idle"
-            elif info.expires is not None and now >= info.expires:
-                reason = "max_lifetime reached"
-        if reason is None:
-            self._give_locked(conn, info, now)
-        else:
-            if reason.startswith(("broken", "returned closed", "cleanup failed")):
-                self._stats["broken_discarded"] += 1
-            self._forget_locked(conn)
-            to_close.append((conn, reason))
-            self._grant_free_slots_locked()
-        idle = self.idle_connections
-        if self.idle_timeout and idle and now - self.return_times[idle[0]] > self.idle_timeout:
-            self._evict_idle_locked(now, to_close)
-
-    def _give_locked(self, conn: Connection, info: ConnInfo, now: float) -> None:
-        """Hand a usable connection to the oldest waiter, or make it idle."""
-        if self._waiters:
-            # First come, first served: never to whichever thread takes the lock next, though
-            # that would be faster (see bench/NOTES.md).
-            info.state = LENT
-            self._stats["checkouts"] += 1
-            self._serve_locked(self._waiters.popleft(), conn=conn)
-        else:
-            self._make_idle_locked(conn, info, now)
-
-    def _make_idle_locked(self, conn: Connection, info: ConnInfo, now: float) -> None:
-        info.state = IDLE
-        self.return_times[conn] = now
-        self.idle_connections.append(conn)
-
-    def _evict_idle_locked(self, now: float, to_close: list[tuple[Connection, str]]) -> None:
-        """Drop idle connections older than idle_timeout (the oldest are on the left)."""
-        while self.idle_connections:
-            oldest = self.idle_connections[0]
-            if now - self.return_times.get(oldest, now) <= self.idle_timeout:
-                break
-            self.idle_connections.popleft()
-            self.return_times.pop(oldest, None)
-            self._forget_locked(oldest)
-            to_close.append((oldest, "idle_timeout reached"))
-
-    def _retire_expired_locked(self, now: float, to_close: list[tuple[Connection, str]]) -> None:
-        """Drop idle connections past their max_lifetime (a scan: only in housekeeping)."""
-        for conn in list(self.idle_connections):
-            expires = self._conns[weakref.ref(conn)].expires
-            if expires is not None and now >= expires:
-                self.idle_connections.remove(conn)
-                self.return_times.pop(conn, None)
-                self._forget_locked(conn)
-                to_close.append((conn, "max_lifetime reached"))
-
-    def _forget_locked(self, conn: Connection) -> None:
-        """Stop counting a connection that is about to be closed."""
-        self._conns.pop(weakref.ref(conn), None)
-
-    def _grant_free_slots_locked(self) -> None:
-        """Give free slots to the oldest waiters, who then open their own connections."""
-        while self._waiters and len(self._conns) + self._pending < self.maxconn:
-            self._pending += 1
-            self._serve_locked(self._waiters.popleft(), may_connect=True)
-
-    def _serve_locked(
-        self, waiter: Waiter, conn: Connection | None = None, may_connect: bool = False, error: PoolError | None = None
-    ) -> None:
-        """Give a waiter (already out of the line) its outcome, count its wait, and wake it."""
-        waiter.conn, waiter.may_connect, waiter.error = conn, may_connect, error
-        self._stats["wait_ms_total"] += int((time.monotonic() - waiter.since) * 1000)
-        waiter.wake()
-
-    def _reserve_refill_locked(self) -> int:
-        if self._closed:
-            return 0
-        missing = self.minconn - len(self._conns) - self._pending
-        if missing <= 0:
-            return 0
-        self._pending += missing
-        return missing
-
-    def _refill(self, count: int) -> None:
-        """Open `count` connections for minconn; a failure is logged and retried later, never raised."""
-        for done in range(count):
-            try:
-                conn, info = self._open_connection()
-            except BaseException as exc:
-                for _ in range(count - done):
-                    self._release_slot()
-                if not isinstance(exc, Exception):
-                    raise
+        if lease is not None:
+            info = state.info_of(conn)
+            if info is None or info.lease != lease:
                 return
-            with self._lock:
-                closing = self._closed
-                if closing:
-                    self._pending -= 1
-                else:
-                    self._adopt_locked(conn, info)
-                    self._give_locked(conn, info, time.monotonic())
-            if closing:
-                self._close_connections([conn], "pool closed while connecting")
-
-    def _release_slot(self) -> None:
-        """Give back a slot reserved for a connection that could not be opened."""
-        with self._lock:
-            self._pending -= 1
-            self._grant_free_slots_locked()
-
-    def _discard(self, conn: Connection, reason: str) -> None:
-        """Drop a lent connection found broken, freeing its slot."""
-        with self._lock:
-            self._forget_locked(conn)
-            self._stats["broken_discarded"] += 1
-            self._grant_free_slots_locked()
-        self._close_connections([conn], reason)
-        self._housekeeper.kick()  # to reopen minconn, in the background
-
-    # -- opening and closing -------------------------------------------------------------------
-
-    def _open_connection(self) -> tuple[Connection, ConnInfo]:
-        """Connect and run the configure hook; the caller holds a slot for it and adopts the result."""
+            if info.state is RETURNING:
+                self._abort_return(conn, info, to_close)  # an earlier return was interrupted
+                return
+        clean = not close and self.reset is None and not conn.closed
+        info = None
+        info = state.begin_return(conn, clean, now, to_close)
         try:
-            conn: Connection = psycopg2.connect(**self.connect_kwargs)
-        except Exception as exc:
-            with self._lock:
-                self._stats["connect_errors"] += 1
-            logger.warning("pool %r: connect failed: %s", self.name, self._redact(str(exc).strip()))
-            raise
-        try:
-            if self.configure is not None:
-                self.configure(conn)
-                if conn.get_transaction_status() != _STATUS_IDLE:
-                    conn.commit()  # keep what configure set, e.g. SET search_path outside autocommit
+            if info is not None:
+                reason = _session.return_problem(conn, close)
+                if reason is None:
+                    reason = _session.clean_returned(conn, info, self.reset, self.configure, self._connector.redact)
+                    if reason is not None and reason.startswith("reset failed"):
+                        logger.warning("pool %r: %s; connection discarded", self.name, reason)
+                state.finish_return(conn, info, reason, time.monotonic(), to_close)
+            if to_close:
+                self._close_dropped(to_close)
+                self._after_drop()
         except BaseException:
-            conn.close()
-            logger.warning("pool %r: configure failed, connection closed", self.name)
+            if info is not None:
+                try:
+                    self._abort_return(conn, info, to_close)
+                except BaseException:
+                    self._abort_return(conn, info, to_close)
+                    raise
             raise
-        expires = None
-        if self.max_lifetime is not None:
-            expires = time.monotonic() + self.max_lifetime * (1 - _LIFETIME_JITTER * random.random())
-        info = ConnInfo(conn, expires)
-        logger.info(
-            "pool %r: opened connection to %s:%s/%s (backend pid %s)",
-            self.name,
-            conn.info.host,
-            conn.info.port,
-            conn.info.dbname,
-            conn.info.backend_pid,
-        )
-        return conn, info
 
-    def _adopt_locked(self, conn: Connection, info: ConnInfo) -> None:
-        """Count a connection just opened: its reserved slot becomes a real one (state: lent)."""
-        self._pending -= 1
-        self._conns[weakref.ref(conn, self._collected)] = info
-        self._stats["connections_opened"] += 1
+    def _abort_return(self, conn: Connection, info: ConnInfo, to_close: list[tuple[Connection, str]]) -> None:
+        """Finish a return that was cut short: its cleanup may be half done, so drop it. Idempotent."""
+        self._state.finish_return(conn, info, "cleanup interrupted", time.monotonic(), to_close)
+        self._close_dropped(to_close)
 
-    def _close_connections(self, conns: list[Connection], reason: str) -> None:
-        if not conns:
-            return
-        for conn in conns:
-            logger.info("pool %r: closing connection: %s", self.name, reason)
+    def _after_drop(self) -> None:
+        """Reopen connections up to minconn: here, as psycopg2_pool does, or in the background."""
+        if self._refill_in_background:
+            self._housekeeper.kick()
+        else:
+            self._refill()
+
+    def _close_dropped(self, to_close: list[tuple[Connection, str]], keep_slot_for: Claim | None = None) -> None:
+        """Close dropped connections, each slot freed only once its connection is closed.
+
+        Consumes `to_close` from the end, so that a call cut short can be called again to finish.
+        """
+        state = self._state
+        while to_close:
+            conn, reason = to_close[-1]
             try:
                 conn.close()
             except Exception:
-                logger.debug("pool %r: error closing a connection", self.name, exc_info=True)
-        with self._lock:
-            self._stats["connections_closed"] += len(conns)
+                pass
+            state.closed_one(conn, keep_slot_for)
+            to_close.pop()
+            logger.info("pool %r: closing connection: %s", self.name, reason)
 
-    def _redact(self, text: str) -> str:
-        return redact(text, self._secrets)
+    def _refill(self) -> None:
+        """Open connections up to minconn, one at a time; a failure is logged and left for later."""
+        state = self._state
+        while True:
+            claim = Claim()
+            if not state.reserve_refill(claim):
+                return
+            try:
+                self._connector.open(claim)
+                state.adopt(claim, time.monotonic(), lend=False)
+                self._close_dropped(claim.to_close)
+            except BaseException as exc:
+                try:
+                    self._give_back_refill(claim)
+                except BaseException:
+                    self._give_back_refill(claim)
+                    raise
+                if not isinstance(exc, Exception):
+                    raise
+                state.count("connect_errors")
+                logger.warning(
+                    "pool %r: connect failed (reopening a connection for minconn): %s",
+                    self.name,
+                    self._connector.redact(str(exc).strip()),
+                )
+                return
+
+    def _give_back_refill(self, claim: Claim) -> None:
+        state = self._state
+        state.drop_claimed(claim, "refill failed")
+        self._close_dropped(claim.to_close)
+        state.release_slot(claim)
+
+    def _open_minconn_at_start(self) -> None:
+        state = self._state
+        for _ in range(self.minconn):
+            claim = Claim()
+            if not state.reserve_refill(claim):
+                return
+            try:
+                self._connector.open(claim)
+                state.adopt(claim, time.monotonic(), lend=False)
+            except BaseException:
+                try:
+                    self._give_back_refill(claim)
+                except BaseException:
+                    self._give_back_refill(claim)
+                    raise
+                raise
 
     # -- whole pool ----------------------------------------------------------------------------
 
@@ -671,20 +499,18 @@ class ConnectionPool:
         """Close every idle connection, whatever `minconn` and `idle_timeout` say.
 
         Useful after a burst of activity followed by a long quiet period. Lent connections are not
-        touched; the housekeeper then reopens `minconn` connections in the background.
+        touched. A `ThreadSafeConnectionPool` then reopens `minconn` connections in the background;
+        a `ConnectionPool` at its next `putconn` or `getconn`.
         """
-        with self._lock:
-            idle = self._take_all_idle_locked()
-        self._close_connections(idle, "cleared")
-        self._housekeeper.kick()  # it reopens minconn connections in the background
-
-    def _take_all_idle_locked(self) -> list[Connection]:
-        idle = list(self.idle_connections)
-        self.idle_connections.clear()
-        self.return_times.clear()
-        for conn in idle:
-            self._forget_locked(conn)
-        return idle
+        to_close: list[tuple[Connection, str]] = []
+        try:
+            self._state.take_idle(to_close, "cleared")
+            self._close_dropped(to_close)
+        except BaseException:
+            self._close_dropped(to_close)
+            raise
+        if self._refill_in_background:
+            self._housekeeper.kick()
 
     def close(self) -> None:
         """Close the pool: idle connections now, lent ones when they come back.
@@ -692,22 +518,25 @@ class ConnectionPool:
         Threads waiting in `getconn` get `PoolClosed`, and so does every later `getconn`. Calling it
         again does nothing.
         """
-        with self._lock:
-            if self._closed:
+        to_close: list[tuple[Connection, str]] = []
+        try:
+            if not self._state.close(to_close):
                 return
-            self._closed = True
-            idle = self._take_all_idle_locked()
-            while self._waiters:
-                error = PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
-                self._serve_locked(self._waiters.popleft(), error=error)
-        self._housekeeper.stop()
-        self._close_connections(idle, "pool closed")
+            self._housekeeper.stop()
+            self._close_dropped(to_close)
+        except BaseException:
+            self._close_dropped(to_close)
+            raise
         logger.info("pool %r: closed", self.name)
+
+    def closeall(self) -> None:
+        """Close the pool (``psycopg2.pool``'s name for `close`)."""
+        self.close()
 
     @property
     def closed(self) -> bool:
         """True once `close` was called."""
-        return self._closed
+        return self._state.closed
 
     def __enter__(self) -> ConnectionPool:
         return self
@@ -715,119 +544,85 @@ class ConnectionPool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @property
-    def connections_in_use(self) -> weakref.WeakSet[Connection]:
-        """The connections lent and not yet returned, as a weak set (a snapshot)."""
-        with self._lock:
-            conns = self._conns.copy()  # a C-level copy: safe from the garbage collector's removals
-        lent = [ref() for ref, info in conns.items() if info.state is LENT]
-        return weakref.WeakSet(conn for conn in lent if conn is not None)
-
     def stats(self) -> dict[str, Any]:
         """Return a snapshot: sizes, current counts, and counters that only grow."""
-        with self._lock:
-            snapshot: dict[str, Any] = {
-                "name": self.name,
-                "minconn": self.minconn,
-                "maxconn": self.maxconn,
-                "idle": len(self.idle_connections),
-                "in_use": len(self._conns) - len(self.idle_connections),
-                "opening": self._pending,
-                "waiting": len(self._waiters),
-            }
-            snapshot.update(self._stats)
+        snapshot: dict[str, Any] = {"name": self.name, "minconn": self.minconn, "maxconn": self.maxconn}
+        snapshot.update(self._state.counts())
         return snapshot
 
     def __repr__(self) -> str:
-        with self._lock:
-            idle = len(self.idle_connections)
-            in_use = len(self._conns) - idle
-            waiting = len(self._waiters)
-        state = "closed" if self._closed else "open"
+        counts = self._state.counts()
+        state = "closed" if self.closed else "open"
         return (
-            f"<{type(self).__name__} {self.name!r} {state} [idle: {idle}, in use: {in_use}, "
-            f"waiting: {waiting} | minconn={self.minconn}, maxconn={self.maxconn}]>"
+            f"<{type(self).__name__} {self.name!r} {state} [idle: {counts['idle']}, in use: {counts['in_use']}, "
+            f"waiting: {counts['waiting']} | minconn={self.minconn}, maxconn={self.maxconn}]>"
         )
 
     # -- borrowing that cannot leak (see pgpool.borrow) ----------------------------------------
 
-    def connection(self, timeout: float | None = None) -> AbstractContextManager[Connection]:
+    def connection(self, timeout: float | None = None) -> borrow.ConnectionBorrow:
         """Borrow a connection for a ``with`` block; it always comes back, uncommitted work rolled back.
 
-        Inside another borrow from this pool in the same context, joins that borrow's connection.
+        Inside another borrow from this pool made by the same thread and still open, joins that
+        borrow's connection.
         """
         return borrow.ConnectionBorrow(self, timeout)
 
-    def transaction(self, timeout: float | None = None) -> AbstractContextManager[Connection]:
+    def transaction(self, timeout: float | None = None) -> borrow.TransactionBorrow:
         """Borrow a connection in a transaction: committed if the block ends normally, else rolled back.
 
-        Nested in another `transaction` of this pool, it is a savepoint of the outer one.
+        Nested in another `transaction` of this pool (same thread), it is a savepoint of the outer one.
         """
-        return borrow.transaction(self, timeout)
+        return borrow.TransactionBorrow(self, timeout)
 
     # -- housekeeping and fork -----------------------------------------------------------------
 
     def _housekeep(self) -> float | None:
         """One round of background maintenance; return seconds until the next one (None: stop)."""
-        if self._closed:
+        if self.closed:
             return None
         now = time.monotonic()
         to_close: list[tuple[Connection, str]] = []
-        leaks: list[tuple[float, list[str]]] = []
-        self._recheck_signalled_idle(to_close)
-        with self._lock:
-            if self.idle_timeout:
-                self._evict_idle_locked(now, to_close)
-            if self.max_lifetime is not None:
-                self._retire_expired_locked(now, to_close)
-            self._grant_free_slots_locked()
-            refill = self._reserve_refill_locked()
-            if self.leak_timeout is not None:
-                for info in self._conns.copy().values():
-                    if info.state is LENT and info.stack is not None and now - info.borrowed_at > self.leak_timeout:
-                        leaks.append((now - info.borrowed_at, info.stack))
-                        info.stack = None  # report each borrow once
-        for held, stack in leaks:
-            logger.warning(
-                "pool %r: connection borrowed %.1f sec ago and not returned (leak_timeout=%s); borrowed at:\n%s",
-                self.name,
-                held,
-                self.leak_timeout,
-                "".join(stack),
-            )
-        for conn, why in to_close:
-            self._close_connections([conn], why)
-        self._refill(refill)
+        try:
+            self._recheck_signalled_idle(to_close)
+            self._state.housekeeping_drops(now, self.max_lifetime is not None, to_close)
+        finally:
+            self._close_dropped(to_close)
+        self._report_leaks(now)
+        if self._refill_in_background:
+            self._refill()
         return self._housekeeping_interval()
+
+    def _report_leaks(self, now: float) -> None:
+        if self.leak_timeout is None:
+            return
+        for info in self._state.lent_infos():
+            stack = info.stack
+            if stack is not None and now - info.borrowed_at > self.leak_timeout:
+                info.stack = None  # report each borrow once
+                logger.warning(
+                    "pool %r: connection borrowed %.1f sec ago and not returned (leak_timeout=%s); borrowed at:\n%s",
+                    self.name,
+                    now - info.borrowed_at,
+                    self.leak_timeout,
+                    "".join(stack),
+                )
 
     def _recheck_signalled_idle(self, to_close: list[tuple[Connection, str]]) -> None:
         """Check for real the idle connections the server sent something to, and drop dead ones.
 
         So that after a restart or pg_terminate_backend the pool replaces its connections by itself,
-        not only when a borrower happens to pick them. A notification also makes a socket readable:
-        only a round trip tells, and it runs outside the lock on connections taken out of the idle list.
+        not only when a borrower happens to pick them. Only a round trip tells a closed connection
+        from a notification; it runs outside the lock, on connections taken out of the idle list.
         """
-        with self._lock:
-            idle = [(conn, self._conns[weakref.ref(conn)]) for conn in self.idle_connections]
-        signalled = [(conn, info) for conn, info in idle if socket_readable(conn)]
+        signalled = [conn for conn in self._state.idle_snapshot() if socket_readable(conn)]
         if not signalled:
             return
-        taken = []
-        with self._lock:
-            for conn, info in signalled:
-                if conn in self.return_times:  # still idle: not taken, evicted or cleared meanwhile
-                    self.idle_connections.remove(conn)
-                    del self.return_times[conn]
-                    info.state = RETURNING
-                    taken.append((conn, info))
-        for conn, info in taken:
-            reason = None
-            try:
-                check_connection(conn)
-            except Exception as exc:
-                reason = f"broken: closed by the server while idle ({self._redact(str(exc).strip())})"
-            with self._lock:
-                self._settle_locked(conn, info, reason, to_close)
+        for conn, info in self._state.take_signalled(signalled):
+            reason = _session.lend_problem(conn, info, None, self._connector.redact)
+            if reason is not None:
+                reason = f"broken: {reason} while idle"
+            self._state.finish_return(conn, info, reason, time.monotonic(), to_close)
 
     def _housekeeping_interval(self) -> float:
         intervals = [5.0]
@@ -840,18 +635,12 @@ class ConnectionPool:
         return min(intervals)
 
     def _after_fork_in_child(self) -> None:
-        """Start from zero connections without touching the parent's sessions."""
-        self._lock = threading.Lock()
-        inherited = [ref() for ref in self._conns.copy()]
-        self.idle_connections.clear()
-        self.return_times.clear()
-        self._conns.clear()
-        self._pending = 0
-        self._waiters.clear()
+        """Start from zero connections without touching the parent's sessions, and without waiting on
+        any lock a parent thread may have held at fork time."""
+        for conn in self._state.reset_after_fork():
+            _fork.disown(conn)
+        self._keys = {}
         self._housekeeper = Housekeeper(self)
-        for conn in inherited:
-            if conn is not None:
-                _fork.disown(conn)
 
 
 class ThreadSafeConnectionPool(ConnectionPool):
@@ -859,7 +648,9 @@ class ThreadSafeConnectionPool(ConnectionPool):
 
     Every method may be called from any thread. With ``timeout > 0`` (the pool's, or per call),
     `getconn` queues when `maxconn` connections are lent and waits for one to come back; waiters are
-    served first come, first served. Connections are opened outside the pool's lock, in parallel.
+    served first come, first served. Connections are opened outside the pool's lock, in parallel, and
+    `minconn` is restored in the background (`putconn` never waits for a connect).
     """
 
     _can_wait = True
+    _refill_in_background = True

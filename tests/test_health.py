@@ -115,7 +115,7 @@ def test_max_lifetime_retires_an_idle_connection_instead_of_lending_it(pool_cls,
 def test_max_lifetime_has_a_few_percent_of_jitter(dsn):
     with ThreadSafeConnectionPool(minconn=20, dsn=dsn, max_lifetime=100) as pool:
         now = time.monotonic()
-        remaining = [info.expires - now for info in pool._conns.values()]
+        remaining = [info.expires - now for info in pool._state.conns.values()]
     assert all(90 <= r <= 100 for r in remaining)
     assert len({round(r, 3) for r in remaining}) > 1, "all connections would expire together"
 
