@@ -491,7 +491,9 @@ def run_app(app: App, dsn: str, total: int, concurrency: int, logdir: Path) -> C
             transfers_ok = sum(1 for r in results if r.kind == "transfer" and r.status == 200)
             money = check_database(checks, cur, transfers_ok)
 
+            stopping = time.monotonic()
             code = server.stop()
+            stop_time = time.monotonic() - stopping
             checks.check(code == 0, f"the server exits with status 0 after SIGTERM (got {code})")
             left_workers = sorted(w for w in workers if alive(w))
             checks.check(not left_workers, f"no worker left running ({left_workers})")
@@ -506,7 +508,12 @@ def run_app(app: App, dsn: str, total: int, concurrency: int, logdir: Path) -> C
     finally:
         if server.proc.poll() is None:
             server.kill()
-        observer.close()
+        try:  # leave the server as we found it
+            with observer.cursor() as cur:
+                cur.execute("SET lock_timeout = '5s'")
+                cur.execute("DROP TABLE IF EXISTS example_ledger, example_accounts")
+        finally:
+            observer.close()
     if checks.failures:
         print(f"--- last lines of the {app.name} server log ---\n{server.log_tail()}", flush=True)
 
@@ -514,7 +521,8 @@ def run_app(app: App, dsn: str, total: int, concurrency: int, logdir: Path) -> C
     elapsed = time.monotonic() - started
     print(
         f"[{app.name}] {len(results)} requests from {concurrency} threads in {load_time:.2f} s "
-        f"({len(results) / load_time:.0f}/s; ready after {ready:.1f} s, {elapsed:.1f} s in all)\n"
+        f"({len(results) / load_time:.0f}/s; ready after {ready:.1f} s, stopped in {stop_time:.1f} s, "
+        f"{elapsed:.1f} s in all)\n"
         f"  answers: {', '.join(f'{k} {s}: {n}' for (k, s), n in sorted(status.items()))}\n"
         f"  sessions: at most {most} of {WORKERS} x {MAXCONN} in the workers at once, "
         f"{ {w: len(b) for w, b in sorted(per_worker.items())} } backends per worker pid, "
