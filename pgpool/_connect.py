@@ -79,19 +79,24 @@ class Connector:
         dsn = self.connect_kwargs.get("dsn") or ""
         if not isinstance(dsn, str):
             raise ValueError(f"dsn must be a string, got {type(dsn).__name__} (pool {self.pool_name!r})")
+        problem = None
         try:
             psycopg2.extensions.parse_dsn(dsn)
         except psycopg2.ProgrammingError as exc:
             # psycopg2's message quotes the dsn, password included.
-            raise ValueError(f"invalid dsn for pool {self.pool_name!r}: {self.redact(str(exc).strip())}") from None
-        try:
-            psycopg2.extensions.parse_dsn(psycopg2.extensions.make_dsn("", **options))
-        except psycopg2.ProgrammingError as exc:
-            message = self.redact(str(exc).strip())
-            found = re.search(r'option "([^"]+)"', message)
-            hint = _POOL_OPTION_HINTS.get(found.group(1)) if found else None
-            more = f": pgpool calls it {hint}" if hint else ""
-            raise ValueError(f"invalid connection setting for pool {self.pool_name!r}: {message}{more}") from None
+            problem = f"invalid dsn for pool {self.pool_name!r}: {self.redact(str(exc).strip())}"
+        if problem is None:
+            try:
+                psycopg2.extensions.parse_dsn(psycopg2.extensions.make_dsn("", **options))
+            except psycopg2.ProgrammingError as exc:
+                message = self.redact(str(exc).strip())
+                found = re.search(r'option "([^"]+)"', message)
+                hint = _POOL_OPTION_HINTS.get(found.group(1)) if found else None
+                more = f": pgpool calls it {hint}" if hint else ""
+                problem = f"invalid connection setting for pool {self.pool_name!r}: {message}{more}"
+        if problem is not None:
+            # Raised outside the except clause: psycopg2's error, password included, is not chained.
+            raise ValueError(problem)
 
     def open(self, claim: Claim) -> None:
         """Open a connection in the claim's reserved slot: `claim.new_conn` is set the instant it

@@ -21,7 +21,7 @@ _pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
 # it be garbage collected (which closes it), takes psycopg2's connection mutex, which a parent thread
 # running a query held at fork time and which nobody in the child will ever release.
 _orphans: list[psycopg2.extensions.connection] = []
-_orphan_ids: set[int] = set()
+orphan_ids: set[int] = set()  # their ids: unique, since the objects stay alive
 
 # How many forks this process descends from: a borrow made before a fork is never joined after it.
 generation = 0
@@ -40,7 +40,7 @@ def disown(conn: psycopg2.extensions.connection) -> None:
     alive and never closed (see `_orphans`).
     """
     _orphans.append(conn)
-    _orphan_ids.add(id(conn))
+    orphan_ids.add(id(conn))
     try:
         fd = conn.fileno()
     except Exception:
@@ -50,11 +50,6 @@ def disown(conn: psycopg2.extensions.connection) -> None:
         os.dup2(devnull, fd)
     finally:
         os.close(devnull)
-
-
-def is_disowned(conn: psycopg2.extensions.connection) -> bool:
-    """Tell whether `conn` was inherited through fork (and disowned)."""
-    return id(conn) in _orphan_ids and any(conn is orphan for orphan in _orphans)
 
 
 def _reset_pools_after_fork() -> None:

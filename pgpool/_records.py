@@ -36,6 +36,7 @@ class ConnInfo:
         "readonly",
         "stack",
         "state",
+        "sticky",
     )
 
     def __init__(self, conn: Connection, expires: float | None) -> None:
@@ -49,13 +50,20 @@ class ConnInfo:
         self.readonly = conn.readonly
         self.deferrable = conn.deferrable
         self.encoding = conn.encoding
+        # In autocommit, psycopg2 keeps read-only, deferrable and the isolation level as server
+        # settings, which a borrower switching autocommit off and on again resets unseen: such a
+        # connection has them applied again on every return.
+        self.sticky = self.autocommit and (
+            self.readonly is not None or self.deferrable is not None or self.isolation_level is not None
+        )
         self.borrowed_at = 0.0  # monotonic time of the current borrow (leak detection)
         self.stack: list[str] | None = None  # where it was borrowed, when leak_timeout is set
 
     def needs_cleanup(self, conn: Connection) -> bool:
         """Tell whether a returned connection has anything for the next borrower to inherit."""
         return (
-            conn.get_transaction_status() != _STATUS_IDLE
+            self.sticky
+            or conn.get_transaction_status() != _STATUS_IDLE
             or conn.autocommit != self.autocommit
             or conn.isolation_level != self.isolation_level
             or conn.readonly != self.readonly

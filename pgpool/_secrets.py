@@ -11,7 +11,11 @@ from urllib.parse import unquote
 import psycopg2.extensions
 
 _MASK = "********"
-_URL_PASSWORD = re.compile(r"://[^:/@\s]*:([^@\s]*)@")
+# URL userinfo: everything between "user:" and the last "@" of the URL is the password (libpq wants
+# "@" percent-encoded in it, but an invalid URL may hold anything, spaces included).
+_URL_PASSWORD = re.compile(r"\w+://[^:/@\s]*:([^\n]*)@")
+_QUERY_PASSWORD = re.compile(r"[?&]password=([^&\n]*)")
+# key=value: a quoted value may hold spaces and escaped quotes; an unquoted one ends at white space.
 _KV_PASSWORD = re.compile(r"""\bpassword\s*=\s*('(?:[^'\\]|\\.)*'|\S+)""")
 
 
@@ -28,10 +32,14 @@ def find_secrets(connect_kwargs: Mapping[str, Any]) -> tuple[str, ...]:
         parsed = {}  # an invalid dsn still gets scanned below
     if parsed.get("password"):
         found.add(parsed["password"])
-    for match in _URL_PASSWORD.finditer(dsn):
-        found.update((match.group(1), unquote(match.group(1))))
+    for pattern in (_URL_PASSWORD, _QUERY_PASSWORD):
+        for match in pattern.finditer(dsn):
+            value = match.group(1)
+            found.update((value, unquote(value)))
     for match in _KV_PASSWORD.finditer(dsn):
-        found.update((match.group(1), match.group(1).strip("'")))
+        value = match.group(1)
+        inner = value[1:-1] if value.startswith("'") and value.endswith("'") and len(value) > 1 else value
+        found.update((value, inner, re.sub(r"\\(.)", r"\1", inner)))
     if os.environ.get("PGPASSWORD"):
         found.add(os.environ["PGPASSWORD"])
     # Longest first, so that a password containing another one is masked whole.

@@ -81,7 +81,7 @@ def clean_returned(
                 configure(conn)
                 if conn.get_transaction_status() != _STATUS_IDLE:
                     conn.commit()
-        restore_session(conn, info, forced=reset is not None)
+        restore_session(conn, info, forced=reset is not None or info.sticky)
     except Exception as exc:
         return f"cleanup failed ({redact(str(exc).strip())})"
     del conn.notices[:]

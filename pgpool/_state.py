@@ -34,6 +34,7 @@ COUNTERS = (
     "connect_errors",
     "timeouts",
     "broken_discarded",
+    "leaked",
     "wait_ms_total",
 )
 
@@ -60,6 +61,7 @@ class PoolState:
         self.return_times: dict[Connection, float] = {}  # idle connection -> when it became idle
         self.conns: dict[weakref.ref[Connection], ConnInfo] = {}
         self.collected: deque[weakref.ref[Connection]] = deque()  # keys whose connection was collected
+        self.leaks: deque[ConnInfo] = deque()  # lent connections garbage collected, not yet reported
         self.opening = 0  # slots reserved for connects in flight, refills included
         self.refilling = 0  # of `opening`, those of background refills (never a borrower's)
         self.closing: set[Connection] = set()  # dropped, being closed; each still holds its slot
@@ -70,9 +72,17 @@ class PoolState:
     # -- helpers called under the lock ---------------------------------------------------------
 
     def _purge(self) -> None:
-        """Drop the entries of connections garbage collected while lent: their slots are free."""
+        """Drop the entries of connections garbage collected while lent: their slots are free.
+
+        The collector closed them (psycopg2 closes a connection it deallocates); `leaks` keeps their
+        info for one WARNING each.
+        """
         while self.collected:
-            self.conns.pop(self.collected.pop(), None)
+            info = self.conns.pop(self.collected.pop(), None)
+            if info is not None:
+                self.counters["leaked"] += 1
+                self.counters["connections_closed"] += 1
+                self.leaks.append(info)
 
     def _free_slots(self) -> float:
         return self.maxconn - len(self.conns) - self.opening - len(self.closing)
@@ -97,7 +107,14 @@ class PoolState:
         waiter.signal.release()
 
     def _drop(self, conn: Connection, info: ConnInfo, reason: str, to_close: list[tuple[Connection, str]]) -> None:
-        """Move a connection from `conns` to `closing`, for the caller to close."""
+        """Move a connection (idle or not) from `conns` to `closing`, for the caller to close.
+
+        It takes an idle connection out of the idle list itself: a caller that did so first would
+        lose the connection to an interrupt landing on this method's entry.
+        """
+        if info.state is IDLE:
+            self.idle.remove(conn)
+            self.return_times.pop(conn, None)
         self.conns.pop(weakref.ref(conn), None)
         info.state = CLOSING
         self.closing.add(conn)
@@ -110,10 +127,7 @@ class PoolState:
             oldest = idle[0]
             if now - self.return_times.get(oldest, now) <= self.idle_timeout:
                 break
-            info = self.conns[weakref.ref(oldest)]
-            idle.popleft()
-            self.return_times.pop(oldest, None)
-            self._drop(oldest, info, "idle_timeout reached", to_close)
+            self._drop(oldest, self.conns[weakref.ref(oldest)], "idle_timeout reached", to_close)
 
     # -- lending -------------------------------------------------------------------------------
 
@@ -131,8 +145,8 @@ class PoolState:
             idle = self.idle
             idle_timeout = self.idle_timeout
             while idle:
-                conn = idle.pop()
-                returned = self.return_times.pop(conn, 0.0)
+                conn = idle[-1]
+                returned = self.return_times.get(conn, 0.0)
                 info = self.conns[weakref.ref(conn)]
                 if conn.closed:
                     reason = "closed while idle"
@@ -143,6 +157,8 @@ class PoolState:
                 elif idle_timeout and now - returned > idle_timeout and len(self.conns) + self.opening > self.minconn:
                     reason = "idle_timeout reached"
                 else:
+                    idle.pop()
+                    del self.return_times[conn]
                     info.state = LENT
                     info.lease += 1
                     self.counters["checkouts"] += 1
@@ -384,29 +400,24 @@ class PoolState:
         with self.lock:
             while self.idle:
                 conn = self.idle[0]
-                info = self.conns[weakref.ref(conn)]
-                self.idle.popleft()
-                self.return_times.pop(conn, None)
-                self._drop(conn, info, reason, to_close)
+                self._drop(conn, self.conns[weakref.ref(conn)], reason, to_close)
 
     def close(self, to_close: list[tuple[Connection, str]]) -> bool:
-        """Mark the pool closed, drop the idle connections, fail the waiters. False if already closed."""
+        """Mark the pool closed, drop the idle connections, fail the waiters; False if it already was.
+
+        Idempotent: called again after an interrupt, it drops what an earlier call left idle."""
         with self.lock:
-            if self.closed:
-                return False
+            first = not self.closed
             self.closed = True
             while self.idle:
                 conn = self.idle[0]
-                info = self.conns[weakref.ref(conn)]
-                self.idle.popleft()
-                self.return_times.pop(conn, None)
-                self._drop(conn, info, "pool closed", to_close)
+                self._drop(conn, self.conns[weakref.ref(conn)], "pool closed", to_close)
             while self.waiters:
                 waiter = self.waiters[0]
                 waiter.error = PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
                 waiter.signal.release()
                 self.waiters.popleft()
-            return True
+            return first
 
     def housekeeping_drops(self, now: float, max_lifetime: bool, to_close: list[tuple[Connection, str]]) -> None:
         """Evict idle connections past idle_timeout or max_lifetime; grant slots freed by leaks."""
@@ -418,8 +429,6 @@ class PoolState:
                 for conn in list(self.idle):
                     info = self.conns[weakref.ref(conn)]
                     if info.expires is not None and now >= info.expires:
-                        self.idle.remove(conn)
-                        self.return_times.pop(conn, None)
                         self._drop(conn, info, "max_lifetime reached", to_close)
             self._grant()
 
@@ -436,6 +445,14 @@ class PoolState:
                     info.lease += 1
                     taken.append((conn, info))
         return taken
+
+    def take_leaks(self) -> list[ConnInfo]:
+        """The infos of lent connections garbage collected since the last call (each reported once)."""
+        with self.lock:
+            self._purge()
+            leaks = list(self.leaks)
+            self.leaks.clear()
+            return leaks
 
     def idle_snapshot(self) -> list[Connection]:
         with self.lock:
@@ -485,4 +502,6 @@ class PoolState:
         self.opening = self.refilling = 0
         self.closing = set()
         self.waiters.clear()
+        self.leaks.clear()
+        self.counters = dict.fromkeys(COUNTERS, 0)  # the child's own story starts here
         return inherited

@@ -95,7 +95,7 @@ def _decorator(pool: PoolSource, argname: str, transactional: bool) -> Callable[
             # None, by position or keyword, means "borrow one", like leaving the parameter out.
             the_pool = get_pool()
             if is_generator:
-                return _generator_with_borrow(the_pool, transactional, wrapped, args, kwargs, argname)
+                return BorrowingGenerator(the_pool, transactional, wrapped, args, kwargs, argname)
             return _call_with_borrow(the_pool, transactional, wrapped, args, kwargs, argname)
 
         return wrapt.FunctionWrapper(func, wrapper)  # type: ignore[return-value]
@@ -164,69 +164,119 @@ def _call_with_borrow(
     return result
 
 
-def _generator_with_borrow(
-    pool: ConnectionPool,
-    transactional: bool,
-    wrapped: Callable[..., Generator[Any, Any, Any]],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    argname: str,
-) -> Generator[Any, Any, Any]:
-    """Run a generator holding a borrow of its own until it is exhausted or closed.
+class BorrowingGenerator(Generator[Any, Any, Any]):
+    """A decorated generator: the user's generator, run with a borrow of its own.
 
-    A decorated generator never joins the caller's borrow: it outlives the caller's block as long as
-    its consumer wants, so it takes its own connection at its first step (its own transaction, with
-    `with_transaction`: committed when exhausted, rolled back when it raises or is closed early).
-    Each step runs in a private copy of the context, so the borrow is visible inside the generator
-    (nested borrows there join it, from whichever thread runs the step) and never leaks into the
-    code iterating it.
+    It never joins the caller's borrow, since it may outlive it: it takes its own connection at its
+    first step and keeps it until it is exhausted or closed (with `with_transaction`, its own
+    transaction: committed when exhausted, rolled back when it raises or is closed early). Each step
+    runs in a private copy of the context, so the borrow is visible inside the generator (nested
+    borrows there join it, from whichever thread runs the step) and never leaks into the code
+    iterating it.
+
+    A class rather than a generator function: an interrupt that lands on the resumption of a Python
+    generator can end its frame without running its ``finally`` clauses; here every step is a method
+    call whose cleanup runs again from `close` or, for a generator never finished, from `__del__`.
     """
-    ctx = contextvars.copy_context()
-    borrow: ConnectionBorrow | TransactionBorrow
-    borrow = TransactionBorrow(pool, join=False) if transactional else ConnectionBorrow(pool, join=False)
-    conn = ctx.run(borrow.__enter__)
-    try:
-        own = ctx.run(pool._borrow.get)
-        inner = ctx.run(wrapped, *args, **{**kwargs, argname: conn})
+
+    # Until __init__ has run (an interrupt may land on its entry), there is nothing to clean up.
+    _borrow: ConnectionBorrow | TransactionBorrow | None = None
+    _done = True
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        transactional: bool,
+        wrapped: Callable[..., Generator[Any, Any, Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        argname: str,
+    ) -> None:
+        self._pool = pool
+        self._transactional = transactional
+        self._call = (wrapped, args, kwargs, argname)
+        self._ctx: contextvars.Context | None = None
+        self._borrow = None  # held from the first step
+        self._own: Any = None  # the borrow in the private context, rebound to the running thread
+        self._inner: Generator[Any, Any, Any] | None = None
+        self._done = False
+
+    def _start(self) -> None:
+        """Borrow and create the user's generator (at the first step, as a generator would)."""
+        pool = self._pool
+        ctx = contextvars.copy_context()
+        borrow: ConnectionBorrow | TransactionBorrow
+        borrow = TransactionBorrow(pool, join=False) if self._transactional else ConnectionBorrow(pool, join=False)
+        self._ctx = ctx
+        conn = ctx.run(borrow.__enter__)
+        # Owned from here: _finish, close() or, for a generator dropped unfinished, __del__ gives it
+        # back. Only a generator holding a borrow has a __del__ (a C-level class switch, undone in
+        # _finish): a finished one is collected without running any code of pgpool's.
+        self._borrow = borrow
+        self.__class__ = _HoldingBorrowingGenerator
+        self._own = ctx.run(pool._borrow.get)
+        wrapped, args, kwargs, argname = self._call
+        self._inner = ctx.run(wrapped, *args, **{**kwargs, argname: conn})
+
+    def _step(self, method: str, *args: Any) -> Any:
+        if self._done:
+            raise StopIteration
         try:
-            if own is not None:
-                own.thread = threading.get_ident()
-            value = ctx.run(next, inner)
-        except StopIteration as stop:
-            result = stop.value
-        else:
-            while True:
-                try:
-                    sent = yield value
-                except GeneratorExit:
-                    ctx.run(inner.close)
-                    raise
-                except BaseException as exc:  # thrown in by the consumer: pass it to the body
-                    if own is not None:
-                        own.thread = threading.get_ident()
-                    try:
-                        value = ctx.run(inner.throw, exc)
-                    except StopIteration as stop:
-                        result = stop.value
-                        break
-                else:
-                    if own is not None:
-                        own.thread = threading.get_ident()  # the borrow follows the thread running it
-                    try:
-                        value = ctx.run(inner.send, sent)
-                    except StopIteration as stop:
-                        result = stop.value
-                        break
-    except BaseException as exc:
-        try:
-            ctx.run(borrow.__exit__, type(exc), exc, exc.__traceback__)
-        except BaseException:
-            ctx.run(borrow.__exit__, type(exc), exc, exc.__traceback__)
+            if self._borrow is None:
+                self._start()
+            assert self._ctx is not None and self._inner is not None
+            if self._own is not None:
+                self._own.thread = threading.get_ident()  # the borrow follows the thread running it
+            return self._ctx.run(getattr(self._inner, method), *args)
+        except BaseException as exc:
+            self._finish(exc)
             raise
-        raise
-    try:
-        ctx.run(borrow.__exit__, None, None, None)
-    except BaseException as exc:
-        ctx.run(borrow.__exit__, type(exc), exc, exc.__traceback__)
-        raise
-    return result
+
+    def _finish(self, exc: BaseException | None) -> None:
+        """End the borrow: success when the generator returned (StopIteration), else a rollback."""
+        borrow, ctx = self._borrow, self._ctx
+        self._done = True
+        if borrow is None or ctx is None:
+            return
+        self.__class__ = BorrowingGenerator  # no __del__ from here: nothing left to clean up
+        failed = exc is not None and not isinstance(exc, StopIteration)
+        error = (type(exc), exc, exc.__traceback__) if failed and exc is not None else (None, None, None)
+        try:
+            ctx.run(borrow.__exit__, *error)
+        except BaseException as exit_exc:
+            ctx.run(borrow.__exit__, type(exit_exc), exit_exc, exit_exc.__traceback__)
+            raise
+
+    def send(self, value: Any) -> Any:
+        if value is not None and self._borrow is None:
+            raise TypeError("can't send non-None value to a just-started generator")
+        return self._step("send", value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if self._borrow is None and not self._done:
+            self._done = True  # never started: nothing borrowed; raise it here, as a generator does
+            raise typ if val is None else val
+        if val is None and tb is None:
+            return self._step("throw", typ)
+        return self._step("throw", typ, val, tb)
+
+    def close(self) -> None:
+        if self._done or self._borrow is None:
+            self._done = True
+            return
+        try:
+            assert self._ctx is not None and self._inner is not None
+            self._ctx.run(self._inner.close)
+        except BaseException as exc:
+            self._finish(exc)
+            raise
+        self._finish(GeneratorExit())
+
+
+
+class _HoldingBorrowingGenerator(BorrowingGenerator):
+    """A `BorrowingGenerator` while it holds its borrow: one dropped unfinished gives it back."""
+
+    def __del__(self) -> None:
+        if not self._done and self._borrow is not None:
+            self.close()

@@ -32,7 +32,7 @@ import psycopg2.extensions
 
 from . import _fork, _session, borrow
 from ._connect import Connector, backoff, retryable
-from ._records import RETURNING, Claim, ConnInfo
+from ._records import LENT, RETURNING, Claim, ConnInfo
 from ._state import WAIT, PoolState
 from .errors import PoolError, PoolTimeout
 from .health import socket_readable
@@ -219,6 +219,8 @@ class ConnectionPool:
         if not self._housekeeper.started:
             self._housekeeper.start()  # before anything is taken: an interrupt here loses nothing
         state = self._state
+        if state.leaks:
+            self._report_collected_leaks()
         start = time.monotonic()
         deadline = start + wait if wait > 0 else start + _TRANSIENT_WAIT
         attempt = 0
@@ -372,12 +374,20 @@ class ConnectionPool:
             raise PoolError(
                 f"pool {self.name!r} can only take back a psycopg2 connection it lent, got {type(conn).__name__}"
             )
-        if _fork.is_disowned(conn):
+        if id(conn) in _fork.orphan_ids:
             return  # inherited through fork and already disowned: nothing to give back
         for held_key, held in list(self._keys.items()):
             if held is conn:
                 del self._keys[held_key]
-        self._return(conn, None, close)
+        try:
+            self._return(conn, None, close)
+        except PoolError:
+            raise
+        except BaseException:
+            info = self._state.info_of(conn)
+            if info is not None and info.state is LENT:
+                self._return(conn, None, close)  # interrupted on its entry: nothing had happened yet
+            raise
 
     def _return(self, conn: Connection, lease: int | None, close: bool = False) -> None:
         """Take back `conn`. With a `lease` (internal callers), idempotent: a borrow that ended already,
@@ -392,6 +402,8 @@ class ConnectionPool:
             if info.state is RETURNING:
                 self._abort_return(conn, info, to_close)  # an earlier return was interrupted
                 return
+            if info.state is not LENT:
+                return  # an earlier return got this far before the interrupt: done
         clean = not close and self.reset is None and not conn.closed
         info = None
         info = state.begin_return(conn, clean, now, to_close)
@@ -439,9 +451,11 @@ class ConnectionPool:
                 conn.close()
             except Exception:
                 pass
+            # Logged before the slot is freed: a slow handler delays the next connect, never lets the
+            # server see more than maxconn sessions.
+            logger.info("pool %r: closing connection: %s", self.name, reason)
             state.closed_one(conn, keep_slot_for)
             to_close.pop()
-            logger.info("pool %r: closing connection: %s", self.name, reason)
 
     def _refill(self) -> None:
         """Open connections up to minconn, one at a time; a failure is logged and left for later."""
@@ -507,7 +521,7 @@ class ConnectionPool:
             self._state.take_idle(to_close, "cleared")
             self._close_dropped(to_close)
         except BaseException:
-            self._close_dropped(to_close)
+            self._close_dropped(to_close)  # consumes what is left, so safe after a partial run
             raise
         if self._refill_in_background:
             self._housekeeper.kick()
@@ -520,14 +534,15 @@ class ConnectionPool:
         """
         to_close: list[tuple[Connection, str]] = []
         try:
-            if not self._state.close(to_close):
-                return
-            self._housekeeper.stop()
+            first = self._state.close(to_close)
             self._close_dropped(to_close)
         except BaseException:
+            self._state.close(to_close)  # idempotent: finishes what an interrupt cut short
             self._close_dropped(to_close)
             raise
-        logger.info("pool %r: closed", self.name)
+        if first:
+            self._housekeeper.stop()  # it would stop by itself at its next round: the pool is closed
+            logger.info("pool %r: closed", self.name)
 
     def closeall(self) -> None:
         """Close the pool (``psycopg2.pool``'s name for `close`)."""
@@ -593,7 +608,21 @@ class ConnectionPool:
             self._refill()
         return self._housekeeping_interval()
 
+    def _report_collected_leaks(self) -> None:
+        """One WARNING per lent connection garbage collected without putconn (its slot is free)."""
+        for info in self._state.take_leaks():
+            where = ""
+            if info.stack is not None:
+                where = "; borrowed at:\n" + "".join(info.stack)
+            logger.warning(
+                "pool %r: a lent connection was garbage collected without putconn: its slot is free again, "
+                "but return connections with putconn or borrow with pool.connection()%s",
+                self.name,
+                where,
+            )
+
     def _report_leaks(self, now: float) -> None:
+        self._report_collected_leaks()
         if self.leak_timeout is None:
             return
         for info in self._state.lent_infos():
