@@ -101,7 +101,9 @@ class Connector:
     def open(self, claim: Claim) -> None:
         """Open a connection in the claim's reserved slot: `claim.new_conn` is set the instant it
         exists, so whoever owns the claim closes it if configuring fails or is interrupted."""
+        started = time.monotonic()
         claim.new_conn = psycopg2.connect(**self.connect_kwargs)
+        claim.connect_seconds = time.monotonic() - started
         conn = claim.new_conn
         if self.configure is not None:
             self.configure(conn)

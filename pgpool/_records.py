@@ -56,7 +56,7 @@ class ConnInfo:
         self.sticky = self.autocommit and (
             self.readonly is not None or self.deferrable is not None or self.isolation_level is not None
         )
-        self.borrowed_at = 0.0  # monotonic time of the current borrow (leak detection)
+        self.borrowed_at = 0.0  # monotonic time of the current lend (use time, leak detection)
         self.stack: list[str] | None = None  # where it was borrowed, when leak_timeout is set
 
     def needs_cleanup(self, conn: Connection) -> bool:
@@ -101,7 +101,7 @@ class Claim:
     that set it.
     """
 
-    __slots__ = ("conn", "info", "new_conn", "new_info", "refill", "slot", "to_close", "waiter")
+    __slots__ = ("conn", "connect_seconds", "info", "new_conn", "new_info", "refill", "slot", "to_close", "waiter")
 
     def __init__(self) -> None:
         self.conn: Connection | None = None  # taken from the pool, state LENT, not yet returned to the caller
@@ -112,3 +112,4 @@ class Claim:
         self.waiter: Waiter | None = None  # in the line, or served and not yet collected
         self.refill = False  # the slot is a background refill's (counted in PoolState.refilling too)
         self.to_close: list[tuple[Connection, str]] = []  # dropped (state CLOSING), to close
+        self.connect_seconds = 0.0  # how long the connect in the claim's slot took (stats, metrics)

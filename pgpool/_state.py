@@ -29,6 +29,7 @@ _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 
 COUNTERS = (
     "checkouts",
+    "requests_waited",
     "connections_opened",
     "connections_closed",
     "connect_errors",
@@ -36,6 +37,8 @@ COUNTERS = (
     "broken_discarded",
     "leaked",
     "wait_ms_total",
+    "usage_ms_total",
+    "connect_ms_total",
 )
 
 # What `acquire` tells its caller when the claim got nothing.
@@ -67,7 +70,7 @@ class PoolState:
         self.closing: set[Connection] = set()  # dropped, being closed; each still holds its slot
         self.waiters: deque[Waiter] = deque()  # threads queued in getconn, oldest on the left
         self.closed = False
-        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
 
     # -- helpers called under the lock ---------------------------------------------------------
 
@@ -101,6 +104,7 @@ class PoolState:
         waiter = self.waiters[0]
         info.state = LENT
         info.lease += 1
+        info.borrowed_at = now
         self.counters["checkouts"] += 1
         waiter.info = info
         waiter.conn = conn
@@ -161,6 +165,7 @@ class PoolState:
                     del self.return_times[conn]
                     info.state = LENT
                     info.lease += 1
+                    info.borrowed_at = now
                     self.counters["checkouts"] += 1
                     claim.info = info
                     claim.conn = conn
@@ -196,7 +201,7 @@ class PoolState:
             if give_up:
                 self.waiters.remove(waiter)
                 self.counters["timeouts"] += 1
-                self.counters["wait_ms_total"] += int((now - waiter.since) * 1000)
+                self.counters["wait_ms_total"] += (now - waiter.since) * 1000
             return False
 
     def collect(self, claim: Claim, now: float) -> None:
@@ -204,7 +209,8 @@ class PoolState:
         waiter = claim.waiter
         assert waiter is not None
         with self.lock:
-            self.counters["wait_ms_total"] += int((now - waiter.since) * 1000)
+            self.counters["requests_waited"] += 1
+            self.counters["wait_ms_total"] += (now - waiter.since) * 1000
             if waiter.conn is not None:
                 claim.info = waiter.info
                 claim.conn = waiter.conn
@@ -229,6 +235,7 @@ class PoolState:
                 self.refilling -= 1
                 claim.refill = False
             self.counters["connections_opened"] += 1
+            self.counters["connect_ms_total"] += claim.connect_seconds * 1000
             if self.closed:
                 self.closing.add(conn)
                 info.state = CLOSING
@@ -240,6 +247,7 @@ class PoolState:
             if lend:
                 info.state = LENT
                 info.lease += 1
+                info.borrowed_at = now
                 self.counters["checkouts"] += 1
                 claim.info = info
                 claim.conn = conn
@@ -350,6 +358,7 @@ class PoolState:
             info = self.conns.get(weakref.ref(conn))
             if info is None or info.state is not LENT:
                 raise PoolError(self._refusal(info))
+            self.counters["usage_ms_total"] += (now - info.borrowed_at) * 1000
             if clean and not info.needs_cleanup(conn):
                 self._settle(conn, info, None, now, to_close)  # an interrupt on its entry: still LENT
                 return None
@@ -483,7 +492,7 @@ class PoolState:
                 "opening": self.opening,
                 "closing": len(self.closing),
                 "waiting": len(self.waiters),
-                **self.counters,
+                **{key: int(value) for key, value in self.counters.items()},
             }
 
     def count(self, counter: str, amount: int = 1) -> None:
@@ -503,5 +512,5 @@ class PoolState:
         self.closing = set()
         self.waiters.clear()
         self.leaks.clear()
-        self.counters = dict.fromkeys(COUNTERS, 0)  # the child's own story starts here
+        self.counters = dict.fromkeys(COUNTERS, 0.0)  # the child's own story starts here
         return inherited

@@ -273,7 +273,6 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
         self._finish(GeneratorExit())
 
 
-
 class _HoldingBorrowingGenerator(BorrowingGenerator):
     """A `BorrowingGenerator` while it holds its borrow: one dropped unfinished gives it back."""
 

@@ -113,6 +113,7 @@ class ConnectionPool:
         self._housekeeper = Housekeeper(self)
         self._borrow = borrow.new_borrow_var(self.name)
         self._keys: dict[Any, Connection] = {}  # psycopg2.pool's getconn(key): key -> its connection
+        self._events: Any = None  # a metrics listener (pgpool.otel), told of lends, returns, timeouts
         _fork.track(self)
         try:
             self._open_minconn_at_start()
@@ -254,7 +255,7 @@ class ConnectionPool:
                             raise
                         state.release_slot(claim)
                         if remaining <= 0:
-                            state.count("timeouts")
+                            self._count_timeout()
                             raise PoolTimeout(self._timeout_message(wait, exc)) from exc
                         time.sleep(min(remaining, backoff(attempt - 1)))
                         continue
@@ -270,6 +271,8 @@ class ConnectionPool:
                         logger.info("pool %r: connected after %d failed attempts", self.name, attempt)
                     if self.leak_timeout is not None:
                         self._note_borrow(claim.info)
+                    if self._events is not None:
+                        self._emit("lent", time.monotonic() - start, claim.connect_seconds if fresh else None)
                     conn, lease = claim.conn, claim.info.lease
                     claim.conn = claim.info = None  # the caller owns it now
                     return conn, lease
@@ -285,7 +288,7 @@ class ConnectionPool:
                     if wait <= 0:
                         raise error
                     if remaining <= 0:
-                        state.count("timeouts")
+                        self._count_timeout()
                         raise PoolTimeout(self._timeout_message(wait, error)) from error
                     time.sleep(min(remaining, backoff(attempt - 1)))
         except BaseException:
@@ -329,14 +332,27 @@ class ConnectionPool:
             if state.recheck_waiter(waiter, remaining <= 0, now):
                 break  # a waiter that was served keeps what it got, whatever the clock says
             if remaining <= 0:
-                claim.waiter = None  # out of the line (recheck_waiter removed it)
+                claim.waiter = None  # out of the line (recheck_waiter removed it, counting the timeout)
+                if self._events is not None:
+                    self._emit("timed_out")
                 raise PoolTimeout(self._timeout_message(wait, error)) from error
         state.collect(claim, time.monotonic())
 
     def _note_borrow(self, info: ConnInfo) -> None:
-        """Remember when and where a connection was borrowed, for leak reports."""
+        """Remember where a connection was borrowed, for leak reports."""
         info.stack = traceback.format_stack()[:-3]
-        info.borrowed_at = time.monotonic()
+
+    def _emit(self, event: str, *args: Any) -> None:
+        """Tell the metrics listener; a listener that fails is logged, never breaks the pool."""
+        try:
+            getattr(self._events, event)(self, *args)
+        except Exception:
+            logger.warning("pool %r: the metrics listener failed on %s", self.name, event, exc_info=True)
+
+    def _count_timeout(self) -> None:
+        self._state.count("timeouts")
+        if self._events is not None:
+            self._emit("timed_out")
 
     def _timeout_message(self, wait: float, error: BaseException | None) -> str:
         counts = self._state.counts()
@@ -405,6 +421,10 @@ class ConnectionPool:
             if info.state is not LENT:
                 return  # an earlier return got this far before the interrupt: done
         clean = not close and self.reset is None and not conn.closed
+        if self._events is not None:
+            held = state.info_of(conn)
+            if held is not None and held.state is LENT:
+                self._emit("returned", now - held.borrowed_at)
         info = None
         info = state.begin_return(conn, clean, now, to_close)
         try:
