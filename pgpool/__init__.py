@@ -3,15 +3,19 @@
 Start with `ThreadSafeConnectionPool` and ``with pool.connection() as conn:``; see the README.
 """
 
-from .decorators import with_connection, with_transaction
+import logging
+
+from .decorators import BORROWED, with_connection, with_transaction
 from .errors import PoolClosed, PoolError, PoolTimeout
 from .health import check_connection, reset_session
-from .pool import ConnectionPool, ThreadSafeConnectionPool
+from .pool import ConnectionPool, PoolStats, ThreadSafeConnectionPool
 
 __all__ = [
+    "BORROWED",
     "ConnectionPool",
     "PoolClosed",
     "PoolError",
+    "PoolStats",
     "PoolTimeout",
     "ThreadSafeConnectionPool",
     "check_connection",
@@ -21,3 +25,6 @@ __all__ = [
 ]
 
 __version__ = "1.0.0"
+
+# A library's manners: records go nowhere until the application configures logging.
+logging.getLogger("pgpool").addHandler(logging.NullHandler())

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg2.extensions
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
 
-_pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
+_pools: weakref.WeakSet[ConnectionPool[Any]] = weakref.WeakSet()
 
 # Connections inherited through fork, kept alive for the life of the child: closing one, or letting
 # it be garbage collected (which closes it), takes psycopg2's connection mutex, which a parent thread
@@ -27,7 +27,7 @@ orphan_ids: set[int] = set()  # their ids: unique, since the objects stay alive
 generation = 0
 
 
-def track(pool: ConnectionPool) -> None:
+def track(pool: ConnectionPool[Any]) -> None:
     """Reset `pool` in every child process forked from now on."""
     _pools.add(pool)
 

@@ -28,7 +28,7 @@ import itertools
 import threading
 from contextvars import ContextVar
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import psycopg2.extensions
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .pool import ConnectionPool
 
 Connection = psycopg2.extensions.connection
+C = TypeVar("C", bound=Connection)  # the pool's connection class (connection_factory)
 
 _savepoint_ids = itertools.count(1)
 _get_ident = threading.get_ident
@@ -61,7 +62,7 @@ def new_borrow_var(pool_name: str) -> ContextVar[Borrow | None]:
     return ContextVar(f"pgpool-borrow:{pool_name}", default=None)
 
 
-def joinable(pool: ConnectionPool) -> Borrow | None:
+def joinable(pool: ConnectionPool[Any]) -> Borrow | None:
     """The borrow of `pool` that a nested borrow here may join: this thread's, open, of this process."""
     found = pool._borrow.get()
     if (
@@ -74,25 +75,25 @@ def joinable(pool: ConnectionPool) -> Borrow | None:
     return None
 
 
-class ConnectionBorrow:
+class ConnectionBorrow(Generic[C]):
     """``with pool.connection() as conn``: a class, not a generator, to keep the borrow cheap."""
 
     __slots__ = ("_borrow", "_join", "_joined", "_lease", "_pool", "_timeout", "_token")
 
-    def __init__(self, pool: ConnectionPool, timeout: float | None = None, join: bool = True) -> None:
+    def __init__(self, pool: ConnectionPool[C], timeout: float | None = None, join: bool = True) -> None:
         self._pool = pool
         self._timeout = timeout
         self._join = join  # False: always a borrow of its own (decorated generators)
         self._borrow: Borrow | None = None  # our own borrow, until it ends
         self._joined: Borrow | None = None  # the outer borrow we joined, if we did
 
-    def __enter__(self) -> Connection:
+    def __enter__(self) -> C:
         pool = self._pool
         if self._join:
             outer = joinable(pool)
             if outer is not None and outer.conn is not None:
                 self._joined = outer
-                return outer.conn  # nested: the outer borrow returns it
+                return outer.conn  # type: ignore[return-value]  # nested: the outer borrow returns it
         wait = pool.timeout if self._timeout is None else pool._checked_timeout(self._timeout)
         conn, lease = pool._lend(wait)
         try:
@@ -140,26 +141,26 @@ class ConnectionBorrow:
         return self._borrow if self._borrow is not None else self._joined
 
 
-class TransactionBorrow:
+class TransactionBorrow(Generic[C]):
     """``with pool.transaction() as conn``: commit on success, roll back on any exception."""
 
     __slots__ = ("_conn", "_entry", "_join", "_plain", "_pool", "_savepoint", "_timeout", "_was_autocommit")
 
-    def __init__(self, pool: ConnectionPool, timeout: float | None = None, join: bool = True) -> None:
+    def __init__(self, pool: ConnectionPool[C], timeout: float | None = None, join: bool = True) -> None:
         self._pool = pool
         self._timeout = timeout
         self._join = join
-        self._conn: Connection | None = None
+        self._conn: C | None = None
         self._savepoint: str | None = None
-        self._plain: ConnectionBorrow | None = None
+        self._plain: ConnectionBorrow[C] | None = None
         self._entry: Borrow | None = None
         self._was_autocommit = False
 
-    def __enter__(self) -> Connection:
+    def __enter__(self) -> C:
         pool = self._pool
         outer = joinable(pool) if self._join else None
         if outer is not None and outer.in_transaction and outer.conn is not None:
-            conn = outer.conn
+            conn: C = outer.conn  # type: ignore[assignment]
             name = f"pgpool_sp_{next(_savepoint_ids)}"
             with conn.cursor() as cur:
                 cur.execute(f"SAVEPOINT {name}")

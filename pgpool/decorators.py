@@ -33,10 +33,34 @@ from .borrow import ConnectionBorrow, TransactionBorrow
 if TYPE_CHECKING:
     from .pool import ConnectionPool
 
-__all__ = ["with_connection", "with_transaction"]
+__all__ = ["BORROWED", "with_connection", "with_transaction"]
 
-F = TypeVar("F", bound=Callable[..., Any])
-PoolSource = Union["ConnectionPool", Callable[[], "ConnectionPool"]]
+# The decorated function keeps its exact type (a decorator that does not change the signature):
+# with ``conn: connection = BORROWED`` as the parameter's default, calls without it type-check.
+F = TypeVar("F", bound=Union[Callable[..., Any], "classmethod[Any, Any, Any]", "staticmethod[Any, Any]"])
+PoolSource = Union["ConnectionPool[Any]", Callable[[], "ConnectionPool[Any]"]]
+
+
+class _Borrowed:
+    """The type of `BORROWED`; any use of it as a connection raises a clear error."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "pgpool.BORROWED"
+
+    def __getattr__(self, name: str) -> Any:
+        raise TypeError(
+            f"pgpool.BORROWED has no attribute {name!r}: a function whose connection parameter defaults "
+            "to pgpool.BORROWED was called without its @with_connection or @with_transaction decorator, "
+            "or without a connection"
+        )
+
+
+BORROWED: Any = _Borrowed()
+"""The default for a decorated function's connection parameter: ``def f(x: int, conn: connection =
+pgpool.BORROWED)``. The decorator replaces it with a borrowed connection, so type checkers accept
+calls that leave the parameter out; called undecorated, the function gets an error at first use."""
 
 
 def with_connection(pool: PoolSource, *, argname: str = "conn") -> Callable[[F], F]:
@@ -67,14 +91,14 @@ def _decorator(pool: PoolSource, argname: str, transactional: bool) -> Callable[
     if not isinstance(argname, str) or not argname.isidentifier():
         raise TypeError(f"argname must be a parameter name, got {argname!r}")
 
-    def get_pool() -> ConnectionPool:
+    def get_pool() -> ConnectionPool[Any]:
         found = pool if isinstance(pool, ConnectionPool) else pool()
         if not isinstance(found, ConnectionPool):
             raise TypeError(f"the pool factory {pool!r} returned {found!r}, not a pgpool pool")
         return found
 
     def decorate(func: F) -> F:
-        target = getattr(func, "__func__", func)  # look through classmethod / staticmethod
+        target: Callable[..., Any] = getattr(func, "__func__", func)  # type: ignore[arg-type]  # classmethod etc.
         fname = getattr(target, "__qualname__", repr(target))
         if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
             raise TypeError(f"{fname}() is async: pgpool's decorators only support synchronous functions")
@@ -89,16 +113,16 @@ def _decorator(pool: PoolSource, argname: str, transactional: bool) -> Callable[
                 explicit = args[index]
                 args = args[:index] + args[index + 1 :]  # passed by position: pass it on by keyword
                 kwargs = {**kwargs, argname: explicit}
-            if explicit is not None:
+            if explicit is not None and explicit is not BORROWED:
                 _check_explicit(explicit, fname, argname)
                 return wrapped(*args, **kwargs)
-            # None, by position or keyword, means "borrow one", like leaving the parameter out.
+            # None or BORROWED, by position or keyword, means "borrow one", like leaving it out.
             the_pool = get_pool()
             if is_generator:
                 return BorrowingGenerator(the_pool, transactional, wrapped, args, kwargs, argname)
             return _call_with_borrow(the_pool, transactional, wrapped, args, kwargs, argname)
 
-        return wrapt.FunctionWrapper(func, wrapper)  # type: ignore[return-value]
+        return wrapt.FunctionWrapper(func, wrapper)  # type: ignore[arg-type,return-value]
 
     return decorate
 
@@ -131,7 +155,7 @@ def _check_explicit(conn: object, fname: str, argname: str) -> None:
 
 
 def _call_with_borrow(
-    pool: ConnectionPool,
+    pool: ConnectionPool[Any],
     transactional: bool,
     wrapped: Callable[..., Any],
     args: tuple[Any, ...],
@@ -144,7 +168,7 @@ def _call_with_borrow(
     exit here is called again in that case (exits are idempotent), and an exit that fails after the
     function returned rolls back, since the caller then sees an exception, not a result.
     """
-    borrow: ConnectionBorrow | TransactionBorrow
+    borrow: ConnectionBorrow[Any] | TransactionBorrow[Any]
     borrow = TransactionBorrow(pool) if transactional else ConnectionBorrow(pool)
     conn = borrow.__enter__()
     try:
@@ -180,12 +204,12 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
     """
 
     # Until __init__ has run (an interrupt may land on its entry), there is nothing to clean up.
-    _borrow: ConnectionBorrow | TransactionBorrow | None = None
+    _borrow: ConnectionBorrow[Any] | TransactionBorrow[Any] | None = None
     _done = True
 
     def __init__(
         self,
-        pool: ConnectionPool,
+        pool: ConnectionPool[Any],
         transactional: bool,
         wrapped: Callable[..., Generator[Any, Any, Any]],
         args: tuple[Any, ...],
@@ -205,7 +229,7 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
         """Borrow and create the user's generator (at the first step, as a generator would)."""
         pool = self._pool
         ctx = contextvars.copy_context()
-        borrow: ConnectionBorrow | TransactionBorrow
+        borrow: ConnectionBorrow[Any] | TransactionBorrow[Any]
         borrow = TransactionBorrow(pool, join=False) if self._transactional else ConnectionBorrow(pool, join=False)
         self._ctx = ctx
         conn = ctx.run(borrow.__enter__)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -24,7 +24,7 @@ _JOIN_TIMEOUT = 5.0
 class Housekeeper:
     """Runs ``pool._housekeep()`` periodically in a daemon thread."""
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(self, pool: ConnectionPool[Any]) -> None:
         self._pool = weakref.ref(pool)
         self._name = pool.name
         self._stop = threading.Event()
@@ -67,7 +67,7 @@ class Housekeeper:
                 pass  # never started (its start was interrupted): nothing to wait for
 
 
-def _run(pool_ref: weakref.ref[ConnectionPool], stop: threading.Event, wake: threading.Event) -> None:
+def _run(pool_ref: weakref.ref[ConnectionPool[Any]], stop: threading.Event, wake: threading.Event) -> None:
     delay = 0.0
     while True:
         wake.wait(delay)

@@ -25,7 +25,7 @@ import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, Self, TypedDict, TypeVar, cast, overload
 
 import psycopg2
 import psycopg2.extensions
@@ -38,10 +38,11 @@ from .errors import PoolError, PoolTimeout
 from .health import socket_readable
 from .housekeeping import Housekeeper
 
-__all__ = ["ConnectionPool", "ThreadSafeConnectionPool"]
+__all__ = ["ConnectionPool", "PoolStats", "ThreadSafeConnectionPool"]
 
 Connection = psycopg2.extensions.connection
-Hook = Callable[[Connection], Any]
+C = TypeVar("C", bound=Connection)  # the connection class: psycopg2's, or connection_factory
+Hook = Callable[[Any], Any]
 
 logger = logging.getLogger("pgpool")
 
@@ -60,7 +61,31 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
-class ConnectionPool:
+class PoolStats(TypedDict):
+    """What `ConnectionPool.stats` returns: sizes, current counts, and counters that only grow."""
+
+    name: str
+    minconn: int
+    maxconn: float
+    idle: int  # idle connections
+    in_use: int  # lent, or being returned
+    opening: int  # connects in progress
+    closing: int  # closes in progress (their slots are still taken)
+    waiting: int  # threads waiting in getconn
+    checkouts: int  # connections lent, ever
+    requests_waited: int  # getconn calls that had to wait
+    connections_opened: int
+    connections_closed: int
+    connect_errors: int
+    timeouts: int
+    broken_discarded: int  # found broken on return, before a lend or while idle
+    leaked: int  # lent connections garbage collected without putconn
+    wait_ms_total: int
+    usage_ms_total: int  # time connections spent lent
+    connect_ms_total: int
+
+
+class ConnectionPool(Generic[C]):
     """A pool of psycopg2 connections, for one thread.
 
     `getconn` lends a connection and `putconn` takes it back: after `getconn` you must call `putconn`,
@@ -80,6 +105,28 @@ class ConnectionPool:
 
     _can_wait = False
     _refill_in_background = False
+
+    @overload
+    def __init__(
+        self: ConnectionPool[Connection],
+        minconn: int = 1,
+        maxconn: float = ...,
+        idle_timeout: float = 600,
+        *,
+        connection_factory: None = None,
+        **options: Any,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self: ConnectionPool[C],
+        minconn: int = 1,
+        maxconn: float = ...,
+        idle_timeout: float = 600,
+        *,
+        connection_factory: type[C],
+        **options: Any,
+    ) -> None: ...
 
     def __init__(
         self,
@@ -112,7 +159,7 @@ class ConnectionPool:
         self._state = PoolState(self.name, minconn, maxconn, idle_timeout)
         self._housekeeper = Housekeeper(self)
         self._borrow = borrow.new_borrow_var(self.name)
-        self._keys: dict[Any, Connection] = {}  # psycopg2.pool's getconn(key): key -> its connection
+        self._keys: dict[Any, C] = {}  # psycopg2.pool's getconn(key): key -> its connection
         self._events: Any = None  # a metrics listener (pgpool.otel), told of lends, returns, timeouts
         _fork.track(self)
         try:
@@ -189,7 +236,7 @@ class ConnectionPool:
 
     # -- lending -------------------------------------------------------------------------------
 
-    def getconn(self, key: Any = None, *, timeout: float | None = None) -> Connection:
+    def getconn(self, key: Any = None, *, timeout: float | None = None) -> C:
         """Lend a connection; give it back with `putconn` when done.
 
         Takes the most recently returned idle connection, skipping (and closing) any that is not idle
@@ -207,7 +254,7 @@ class ConnectionPool:
             return self._getconn_keyed(key, wait)
         return self._lend(wait)[0]
 
-    def _getconn_keyed(self, key: Any, wait: float) -> Connection:
+    def _getconn_keyed(self, key: Any, wait: float) -> C:
         held = self._keys.get(key)
         if held is not None:
             return held
@@ -215,7 +262,7 @@ class ConnectionPool:
         self._keys[key] = conn
         return conn
 
-    def _lend(self, wait: float) -> tuple[Connection, int]:
+    def _lend(self, wait: float) -> tuple[C, int]:
         """Lend a connection and its lease number (which tells this borrow from the next)."""
         if not self._housekeeper.started:
             self._housekeeper.start()  # before anything is taken: an interrupt here loses nothing
@@ -275,7 +322,7 @@ class ConnectionPool:
                         self._emit("lent", time.monotonic() - start, claim.connect_seconds if fresh else None)
                     conn, lease = claim.conn, claim.info.lease
                     claim.conn = claim.info = None  # the caller owns it now
-                    return conn, lease
+                    return conn, lease  # type: ignore[return-value]  # opened by connection_factory
                 # A waiter keeps its place in line: it reopens in the slot of the connection it was
                 # handed. A new connection that fails its check counts as a failed connect.
                 state.drop_claimed(claim, problem, broken=True)
@@ -368,7 +415,7 @@ class ConnectionPool:
 
     # -- returning -----------------------------------------------------------------------------
 
-    def putconn(self, conn: Connection | None = None, key: Any = None, close: bool = False) -> None:
+    def putconn(self, conn: C | None = None, key: Any = None, close: bool = False) -> None:
         """Take back a connection lent by `getconn`; with ``close=True`` it is closed, not kept.
 
         Whatever the borrower left uncommitted is rolled back; the session characteristics and the
@@ -511,21 +558,38 @@ class ConnectionPool:
         state.release_slot(claim)
 
     def _open_minconn_at_start(self) -> None:
+        """Open minconn connections. With a timeout, a failing connect (a server still starting) is
+        retried with backoff until it expires, then `PoolTimeout` chained to the last error; without
+        one, the error propagates at once, as in psycopg2_pool."""
         state = self._state
+        deadline = time.monotonic() + self.timeout
+        attempt = 0
+        first_error: BaseException | None = None
         for _ in range(self.minconn):
-            claim = Claim()
-            if not state.reserve_refill(claim):
-                return
-            try:
-                self._connector.open(claim)
-                state.adopt(claim, time.monotonic(), lend=False)
-            except BaseException:
+            while True:
+                claim = Claim()
+                if not state.reserve_refill(claim):
+                    return
                 try:
-                    self._give_back_refill(claim)
-                except BaseException:
-                    self._give_back_refill(claim)
-                    raise
-                raise
+                    self._connector.open(claim)
+                    state.adopt(claim, time.monotonic(), lend=False)
+                    break
+                except BaseException as exc:
+                    try:
+                        self._give_back_refill(claim)
+                    except BaseException:
+                        self._give_back_refill(claim)
+                        raise
+                    if claim.new_conn is not None or not retryable(exc) or self.timeout <= 0:
+                        raise
+                    state.count("connect_errors")
+                    attempt += 1
+                    first_error = self._note_connect_error(exc, attempt, first_error)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        self._count_timeout()
+                        raise PoolTimeout(self._timeout_message(self.timeout, exc)) from exc
+                    time.sleep(min(remaining, backoff(attempt - 1)))
 
     # -- whole pool ----------------------------------------------------------------------------
 
@@ -573,17 +637,17 @@ class ConnectionPool:
         """True once `close` was called."""
         return self._state.closed
 
-    def __enter__(self) -> ConnectionPool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def stats(self) -> dict[str, Any]:
-        """Return a snapshot: sizes, current counts, and counters that only grow."""
+    def stats(self) -> PoolStats:
+        """Return a snapshot: sizes, current counts, and counters that only grow (see `PoolStats`)."""
         snapshot: dict[str, Any] = {"name": self.name, "minconn": self.minconn, "maxconn": self.maxconn}
         snapshot.update(self._state.counts())
-        return snapshot
+        return cast(PoolStats, snapshot)
 
     def __repr__(self) -> str:
         counts = self._state.counts()
@@ -595,7 +659,7 @@ class ConnectionPool:
 
     # -- borrowing that cannot leak (see pgpool.borrow) ----------------------------------------
 
-    def connection(self, timeout: float | None = None) -> borrow.ConnectionBorrow:
+    def connection(self, timeout: float | None = None) -> borrow.ConnectionBorrow[C]:
         """Borrow a connection for a ``with`` block; it always comes back, uncommitted work rolled back.
 
         Inside another borrow from this pool made by the same thread and still open, joins that
@@ -603,7 +667,7 @@ class ConnectionPool:
         """
         return borrow.ConnectionBorrow(self, timeout)
 
-    def transaction(self, timeout: float | None = None) -> borrow.TransactionBorrow:
+    def transaction(self, timeout: float | None = None) -> borrow.TransactionBorrow[C]:
         """Borrow a connection in a transaction: committed if the block ends normally, else rolled back.
 
         Nested in another `transaction` of this pool (same thread), it is a savepoint of the outer one.
@@ -692,7 +756,7 @@ class ConnectionPool:
         self._housekeeper = Housekeeper(self)
 
 
-class ThreadSafeConnectionPool(ConnectionPool):
+class ThreadSafeConnectionPool(ConnectionPool[C]):
     """A `ConnectionPool` to share between threads, able to wait for a connection.
 
     Every method may be called from any thread. With ``timeout > 0`` (the pool's, or per call),
