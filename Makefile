@@ -23,11 +23,12 @@ $(DEMO_STAMP): setup.cfg pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[server]'
 	touch $(DEMO_STAMP)
 
-# Tests and linters (a superset of the demo's needs, so the demo's stamp is renewed too).
+# Tests and linters (a superset of the demo's needs, so the demo's stamp is renewed too); otel, so
+# that tests/test_otel.py runs and mypy checks pgpool/otel.py against OpenTelemetry's types.
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[server,test,lint]'
+	$(PY) -m pip install --quiet -e '.[server,test,lint,otel]'
 	touch $(STAMP) $(DEMO_STAMP)
 
 install-bench: $(BENCH_STAMP)
