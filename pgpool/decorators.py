@@ -237,7 +237,7 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
         # back. Only a generator holding a borrow has a __del__ (a C-level class switch, undone in
         # _finish): a finished one is collected without running any code of pgpool's.
         self._borrow = borrow
-        self.__class__ = _HoldingBorrowingGenerator
+        object.__setattr__(self, "__class__", _HoldingBorrowingGenerator)
         self._own = ctx.run(pool._borrow.get)
         wrapped, args, kwargs, argname = self._call
         self._inner = ctx.run(wrapped, *args, **{**kwargs, argname: conn})
@@ -262,7 +262,7 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
         self._done = True
         if borrow is None or ctx is None:
             return
-        self.__class__ = BorrowingGenerator  # no __del__ from here: nothing left to clean up
+        object.__setattr__(self, "__class__", BorrowingGenerator)  # no __del__ from here: nothing to clean up
         failed = exc is not None and not isinstance(exc, StopIteration)
         error = (type(exc), exc, exc.__traceback__) if failed and exc is not None else (None, None, None)
         try:

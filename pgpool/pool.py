@@ -25,7 +25,7 @@ import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Generic, Self, TypedDict, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Generic, Self, TypedDict, cast
 
 import psycopg2
 import psycopg2.extensions
@@ -41,7 +41,16 @@ from .housekeeping import Housekeeper
 __all__ = ["ConnectionPool", "PoolStats", "ThreadSafeConnectionPool"]
 
 Connection = psycopg2.extensions.connection
-C = TypeVar("C", bound=Connection)  # the connection class: psycopg2's, or connection_factory
+# The connection class: connection_factory's, else psycopg2's. The default (PEP 696) is for the type
+# checkers, which have typing_extensions; at run time (Python 3.11) TypeVar takes no default.
+if TYPE_CHECKING:
+    from typing_extensions import TypeVar
+
+    C = TypeVar("C", bound=Connection, default=Connection)
+else:
+    from typing import TypeVar
+
+    C = TypeVar("C", bound=Connection)
 Hook = Callable[[Any], Any]
 
 logger = logging.getLogger("pgpool")
@@ -106,28 +115,6 @@ class ConnectionPool(Generic[C]):
     _can_wait = False
     _refill_in_background = False
 
-    @overload
-    def __init__(
-        self: ConnectionPool[Connection],
-        minconn: int = 1,
-        maxconn: float = ...,
-        idle_timeout: float = 600,
-        *,
-        connection_factory: None = None,
-        **options: Any,
-    ) -> None: ...
-
-    @overload
-    def __init__(
-        self: ConnectionPool[C],
-        minconn: int = 1,
-        maxconn: float = ...,
-        idle_timeout: float = 600,
-        *,
-        connection_factory: type[C],
-        **options: Any,
-    ) -> None: ...
-
     def __init__(
         self,
         minconn: int = 1,
@@ -141,8 +128,11 @@ class ConnectionPool(Generic[C]):
         reset: Hook | None = None,
         max_lifetime: float | None = None,
         leak_timeout: float | None = None,
+        connection_factory: type[C] | None = None,
         **connect_kwargs: Any,
     ) -> None:
+        if connection_factory is not None:
+            connect_kwargs["connection_factory"] = connection_factory
         self.name = str(name) if name is not None else f"pgpool-{next(_names)}"
         self._validate(minconn, maxconn, idle_timeout, timeout, max_lifetime, leak_timeout)
         for hook_name, hook in (("check", check), ("configure", configure), ("reset", reset)):
