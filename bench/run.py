@@ -35,15 +35,18 @@ class Settings:
     query_ops: int
     duration: float
     contention: list[tuple[int, int]]
+    real_work: list[tuple[int, int]]  # (threads, connections) of the indexed-UPDATE scenario
     burst_threads: int
+    burst_reps: int
     connect_delay: float
     recovery_before: float
     recovery_after: float
     recovery_peers: bool  # the peers too, not only pgpool's two configurations
 
 
-FULL = Settings(5, 20000, 3000, 3.0, [(8, 8), (32, 8), (64, 16)], 32, 0.05, 1.5, 3.0, True)
-QUICK = Settings(2, 5000, 800, 0.6, [(8, 8), (32, 8), (64, 16)], 32, 0.05, 0.8, 1.5, False)
+CONTENTION = [(8, 8), (32, 8), (64, 16)]
+FULL = Settings(5, 20000, 3000, 3.0, CONTENTION, [(8, 8), (32, 8)], 32, 5, 0.05, 1.5, 3.0, True)
+QUICK = Settings(2, 5000, 800, 0.6, CONTENTION, [(8, 8)], 32, 1, 0.05, 0.8, 1.5, False)
 
 
 def main(argv: list[str]) -> int:
@@ -77,7 +80,8 @@ def main(argv: list[str]) -> int:
     # The raw numbers too, so that the report and chart can be re-rendered without a rerun.
     (out / "latest.json").write_text(json.dumps(results, indent=1, default=str))
     report.chart(results, out / "latest.png")
-    print(f"wrote {out / 'latest.md'} and {out / 'latest.png'}")
+    report.latency_chart(results, out / "latency.png")
+    print(f"wrote {out / 'latest.md'}, {out / 'latest.png'} and {out / 'latency.png'}")
     for line in results["verdicts"]:
         print(line)
     return 0
@@ -87,7 +91,16 @@ def run_all(dsn: str, server: EmbeddedPostgres | None, s: Settings) -> dict[str,
     results: dict[str, Any] = {}
     results["overhead"] = overhead(dsn, s)
     results["one_query"] = one_query(dsn, s)
-    results["contention"] = contention(dsn, s)
+    results["contention"] = contention(
+        dsn, s, s.contention, scenarios.query, "3/6 contention (T threads, M connections)"
+    )
+    scenarios.setup_accounts(dsn)
+    try:
+        results["real_work"] = contention(
+            dsn, s, s.real_work, scenarios.transfer, "4/6 real work (indexed UPDATE + commit, T threads, M connections)"
+        )
+    finally:
+        scenarios.drop_accounts(dsn)
     results["cold_burst"] = cold_burst(dsn, s)
     results["recovery"] = recovery(dsn, server, s) if server is not None else None
     results["verdicts"] = report.verdicts(results)
@@ -97,7 +110,7 @@ def run_all(dsn: str, server: EmbeddedPostgres | None, s: Settings) -> dict[str,
 def overhead(dsn: str, s: Settings) -> dict[str, tuple[float, float, float]]:
     out = {}
     kinds = [*ALL, PgPoolWithBlock]
-    for make in tqdm(kinds, desc="1/5 overhead (us per getconn+putconn)", leave=True):
+    for make in tqdm(kinds, desc="1/6 overhead (us per getconn+putconn)", leave=True):
         pool = make(dsn, 1, 4)
         pool.warm(1)
         with_block = make is PgPoolWithBlock
@@ -110,7 +123,7 @@ def overhead(dsn: str, s: Settings) -> dict[str, tuple[float, float, float]]:
 
 def one_query(dsn: str, s: Settings) -> dict[str, tuple[float, float, float]]:
     out = {}
-    for make in tqdm(ALL, desc="2/5 one query (us per borrow+SELECT 1+return)", leave=True):
+    for make in tqdm(ALL, desc="2/6 one query (us per borrow+SELECT 1+return)", leave=True):
         pool = make(dsn, 1, 4)
         pool.warm(1)
         runs = [scenarios.one_query_us(pool, s.query_ops) for _ in range(s.reps)]
@@ -122,10 +135,13 @@ def one_query(dsn: str, s: Settings) -> dict[str, tuple[float, float, float]]:
     return out
 
 
-def contention(dsn: str, s: Settings) -> dict[str, dict[str, Any]]:
+def contention(
+    dsn: str, s: Settings, combos: list[tuple[int, int]], work: scenarios.Work, desc: str
+) -> dict[str, dict[str, Any]]:
+    """T threads share M connections, each op borrow + `work` + return; the ideal holds one each."""
     out: dict[str, dict[str, Any]] = {}
-    jobs = [(t, m, make) for t, m in s.contention for make in [*ALL, None]]
-    for threads, maxconn, make in tqdm(jobs, desc="3/5 contention (T threads, M connections)", leave=True):
+    jobs = [(t, m, make) for t, m in combos for make in [*ALL, None]]
+    for threads, maxconn, make in tqdm(jobs, desc=desc, leave=True):
         key = f"T={threads}, M={maxconn}"
         row = out.setdefault(key, {})
         name = make.name if make is not None else "ideal (no pool)"
@@ -135,18 +151,20 @@ def contention(dsn: str, s: Settings) -> dict[str, dict[str, Any]]:
         loads = []
         for _ in range(s.reps):
             if make is None:
-                loads.append(scenarios.ideal(dsn, min(threads, maxconn), s.duration))
+                loads.append(scenarios.ideal(dsn, min(threads, maxconn), s.duration, work))
                 continue
             pool = make(dsn, maxconn, maxconn)
             pool.warm(maxconn)
-            loads.append(scenarios.contention(pool, threads, s.duration))
+            loads.append(scenarios.contention(pool, threads, s.duration, work))
             pool.close()
         row[name] = {
             "ops_per_s": scenarios.summary([x.ops_per_s for x in loads]),
             "p50_ms": scenarios.summary([x.percentile_ms(0.50) for x in loads]),
             "p99_ms": scenarios.summary([x.percentile_ms(0.99) for x in loads]),
             "max_ms": scenarios.summary([x.max_ms for x in loads]),
+            "fairness": scenarios.summary([x.fairness for x in loads]),
             "errors": sum(x.errors for x in loads),
+            "distribution": scenarios.distribution(loads),
         }
     return out
 
@@ -156,9 +174,9 @@ def cold_burst(dsn: str, s: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {"delay_ms": s.connect_delay * 1000, "threads": s.burst_threads}
     with TcpProxy(int(params.get("port", 5432)), connect_delay=s.connect_delay) as proxy:
         proxied = psycopg2.extensions.make_dsn(dsn, host="127.0.0.1", port=proxy.port)
-        for make in tqdm(ALL, desc="4/5 cold burst (32 threads, empty pool, 50 ms connects)", leave=True):
+        for make in tqdm(ALL, desc="5/6 cold burst (32 threads, empty pool, 50 ms connects)", leave=True):
             runs, errors = [], 0
-            for _ in range(s.reps):
+            for _ in range(s.burst_reps):
                 elapsed, failed = scenarios.cold_burst_s(
                     lambda make=make: make(proxied, 0, s.burst_threads), s.burst_threads
                 )
@@ -171,7 +189,7 @@ def cold_burst(dsn: str, s: Settings) -> dict[str, Any]:
 def recovery(dsn: str, server: EmbeddedPostgres, s: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {}
     kinds = [PgPool, PgPoolChecked, *(PEERS if s.recovery_peers else [])]
-    for make in tqdm(kinds, desc="5/5 recovery (8 threads, server restart)", leave=True):
+    for make in tqdm(kinds, desc="6/6 recovery (8 threads, server restart)", leave=True):
         pool = make(dsn, 8, 8)
         pool.warm(8)
         result = scenarios.recovery(pool, 8, server.restart, s.recovery_before, s.recovery_after)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 import threading
 import time
@@ -13,6 +14,8 @@ import psycopg2
 
 from .pools import Adapter
 
+Work = Callable[[Any], None]  # what an op does with the connection it borrowed
+
 
 def query(conn: Any) -> None:
     cur = conn.cursor()
@@ -21,11 +24,48 @@ def query(conn: Any) -> None:
     cur.close()
 
 
-def borrow_and_query(pool: Adapter) -> None:
-    """One operation of the multi-threaded scenarios: borrow, SELECT 1, give back."""
+ACCOUNTS = "pgpool_bench_accounts"
+ACCOUNT_ROWS = 10_000
+
+
+def setup_accounts(dsn: str) -> None:
+    """The table of the real-work scenario: ACCOUNT_ROWS rows behind a primary key."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {ACCOUNTS}")
+            cur.execute(f"CREATE TABLE {ACCOUNTS} (id int PRIMARY KEY, balance bigint NOT NULL)")
+            cur.execute(f"INSERT INTO {ACCOUNTS} SELECT g, 0 FROM generate_series(1, {ACCOUNT_ROWS}) g")
+            cur.execute(f"ANALYZE {ACCOUNTS}")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def drop_accounts(dsn: str) -> None:
+    """Leave a shared server as found."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {ACCOUNTS}")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def transfer(conn: Any) -> None:
+    """Real work: one indexed UPDATE of a random row, committed (a transaction of one statement)."""
+    cur = conn.cursor()
+    cur.execute(f"UPDATE {ACCOUNTS} SET balance = balance + 1 WHERE id = %s", (random.randint(1, ACCOUNT_ROWS),))
+    cur.close()
+    conn.commit()
+
+
+def borrow_and_query(pool: Adapter, work: Work = query) -> None:
+    """One operation of the multi-threaded scenarios: borrow, `work` (SELECT 1 by default), give back."""
     conn = pool.get()
     try:
-        query(conn)
+        work(conn)
     finally:
         pool.put(conn)
 
@@ -77,6 +117,7 @@ class Load:
     seconds: float
     latencies: list[float] = field(default_factory=list)  # seconds per successful op
     errors: int = 0
+    per_thread: list[int] = field(default_factory=list)  # successful ops of each thread (fairness)
 
     @property
     def ops_per_s(self) -> float:
@@ -91,6 +132,29 @@ class Load:
     @property
     def max_ms(self) -> float:
         return max(self.latencies, default=float("nan")) * 1000
+
+    @property
+    def fairness(self) -> float:
+        """Ops of the thread that did the fewest, as a fraction of the mean (1.0: perfectly fair)."""
+        if not self.per_thread or not sum(self.per_thread):
+            return float("nan")
+        return min(self.per_thread) / (sum(self.per_thread) / len(self.per_thread))
+
+
+# Where the latency distribution is sampled for the plot: fractions of ops at or below (1.0: the max).
+QUANTILES = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 1.0]
+
+
+def distribution(loads: list[Load]) -> dict[str, list[float]]:
+    """What the latency plot needs from the runs of one cell: latency quantiles (ms) and the ops of
+    every thread divided by the mean of its run."""
+    ordered = sorted(x for load in loads for x in load.latencies)
+    quantiles = [ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 for q in QUANTILES] if ordered else []
+    shares = []
+    for load in loads:
+        mean = sum(load.per_thread) / len(load.per_thread) if load.per_thread else 0
+        shares += [n / mean for n in load.per_thread] if mean else []
+    return {"q": QUANTILES, "ms": quantiles, "thread_shares": sorted(shares)}
 
 
 def run_threads(threads: int, duration: float, op: Callable[[], None]) -> Load:
@@ -130,15 +194,17 @@ def run_threads(threads: int, duration: float, op: Callable[[], None]) -> Load:
     for latencies, errors in results:
         load.latencies.extend(latencies)
         load.errors += errors
+        load.per_thread.append(len(latencies))
     return load
 
 
-def contention(pool: Adapter, threads: int, duration: float) -> Load:
-    return run_threads(threads, duration, lambda: borrow_and_query(pool))
+def contention(pool: Adapter, threads: int, duration: float, work: Work = query) -> Load:
+    return run_threads(threads, duration, lambda: borrow_and_query(pool, work))
 
 
-def ideal(dsn: str, threads: int, duration: float) -> Load:
-    """min(T, M) threads each holding its own connection: no pool at all."""
+def ideal(dsn: str, threads: int, duration: float, work: Work = query) -> Load:
+    """min(T, M) threads each holding its own connection: no pool at all (`work`, then a rollback,
+    which is what a return does)."""
     conns = [psycopg2.connect(dsn) for _ in range(threads)]  # connected before timing
     handed = iter(conns)
     local = threading.local()
@@ -149,7 +215,7 @@ def ideal(dsn: str, threads: int, duration: float) -> Load:
         if conn is None:
             with lock:
                 conn = local.conn = next(handed)
-        query(conn)
+        work(conn)
         conn.rollback()
 
     try:
