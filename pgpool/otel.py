@@ -239,6 +239,7 @@ def instrument(pool: ConnectionPool[Any], meter_provider: MeterProvider | None =
             )
         instruments.pools[pool] = attributes
         pool._events = listener
+    instruments.timeouts.add(0, attributes)  # so that the counter is exported, at 0, before a first timeout
     return Instrumentation(pool, instruments, listener)
 
 

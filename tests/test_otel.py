@@ -135,6 +135,7 @@ def test_wait_time_records_a_wait_for_a_connection_held_by_another_thread(dsn, m
 def test_a_timeout_counts_once(dsn, metrics):
     with ThreadSafeConnectionPool(minconn=0, maxconn=1, name="timeouts", dsn=dsn) as pool:
         pgpool.otel.instrument(pool, metrics.provider)
+        assert metrics.value("db.client.connection.timeouts", "timeouts") == 0  # exported before any
         held = pool.getconn()
         with pytest.raises(PoolTimeout):
             pool.getconn(timeout=0.05)
