@@ -9,6 +9,9 @@ Every connection the pool opens runs `name_session` first, which sets ``applicat
 runs when a connection is opened, so connections opened in a worker carry that worker's pid and the
 sessions of each process can be told apart in ``pg_stat_activity``.
 
+With ``PGPOOL_EXAMPLE_METRICS_PORT`` set, each process that uses the pool serves its OpenTelemetry
+metrics for Prometheus on 127.0.0.1 (`serve_metrics`).
+
 Create the tables with ``PGPOOL_DSN=... python examples/bank_dao.py``.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+from collections.abc import Callable
 
 import psycopg2
 
@@ -75,6 +79,45 @@ def open_pool(**overrides) -> ThreadSafeConnectionPool:
 def close_pool() -> None:
     if _pool is not None:
         _pool.close()
+
+
+def serve_metrics(pool: ThreadSafeConnectionPool) -> Callable[[], None] | None:
+    """With ``PGPOOL_EXAMPLE_METRICS_PORT`` set, serve the pool's metrics at ``127.0.0.1:<port>/metrics``.
+
+    The pool is reported through `pgpool.otel` to an OpenTelemetry meter provider whose reader is
+    the Prometheus exporter, served by ``prometheus_client``. Call it in the process that uses the
+    pool (a worker, not a --preload master): each worker takes the first free port from
+    ``PGPOOL_EXAMPLE_METRICS_PORT`` on, and says which. Returns a function that stops it all.
+    """
+    first = os.environ.get("PGPOOL_EXAMPLE_METRICS_PORT")
+    if not first:
+        return None
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from prometheus_client import start_http_server
+
+    import pgpool.otel
+
+    for port in range(int(first), int(first) + 32):
+        try:
+            server, thread = start_http_server(port, addr="127.0.0.1")
+            break
+        except OSError:
+            continue  # taken, by another worker or another program
+    else:
+        raise RuntimeError(f"no free port for metrics from {first} to {int(first) + 31}")
+    provider = MeterProvider(metric_readers=[PrometheusMetricReader()])
+    instrumentation = pgpool.otel.instrument(pool, provider)
+    print(f"pid {os.getpid()}: metrics of pool {pool.name!r} at http://127.0.0.1:{port}/metrics", flush=True)
+
+    def stop() -> None:
+        instrumentation.uninstrument()
+        provider.shutdown()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    return stop
 
 
 # -- queries ---------------------------------------------------------------------------------------

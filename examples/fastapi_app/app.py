@@ -20,11 +20,15 @@ from fastapi.responses import JSONResponse
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    bank_dao.open_pool()
+    pool = bank_dao.open_pool()
+    stop_metrics = None
     try:
         bank_dao.check_schema()  # fail at startup when the database or the tables are missing
+        stop_metrics = bank_dao.serve_metrics(pool)  # only with PGPOOL_EXAMPLE_METRICS_PORT set
         yield
     finally:
+        if stop_metrics is not None:
+            stop_metrics()
         bank_dao.close_pool()
 
 

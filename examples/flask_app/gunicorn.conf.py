@@ -14,6 +14,15 @@ workers = 3
 worker_class = "gthread"
 threads = 4  # per worker: no use for a maxconn above this
 graceful_timeout = 10  # on SIGTERM, in-flight requests get this long to finish
-# No post_fork hook: pgpool resets its pools in each forked worker by itself.
+# The pool needs no post_fork hook: pgpool resets its pools in each forked worker by itself.
 # gunicorn >= 25.1 opens a control socket in $XDG_RUNTIME_DIR or ~/.gunicorn/: not wanted here.
 control_socket_disable = True
+
+
+def post_fork(server, worker):
+    # Only for the optional metrics (PGPOOL_EXAMPLE_METRICS_PORT): each worker reports its own pool,
+    # through an HTTP server thread of its own (fork copies no thread of the master).
+    if os.environ.get("PGPOOL_EXAMPLE_METRICS_PORT"):
+        import bank_dao
+
+        bank_dao.serve_metrics(bank_dao.get_pool())
