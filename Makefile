@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Starts an embedded PostgreSQL for the command unless PGPOOL_DSN names a server.
 WITH_SERVER := $(PY) tests/embedded_pg.py run --
 
-.PHONY: install install-bench demo test lint format docs dist bench bench-quick clean
+.PHONY: install install-bench demo test examples lint format docs dist bench bench-quick clean
 
 # Each stamp says what is installed in .venv; all are redone when the package metadata changes.
 DEMO_STAMP := $(VENV)/.installed-demo-stamp
@@ -13,6 +13,7 @@ STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.installed-bench-stamp
 DOCS_STAMP := $(VENV)/.installed-docs-stamp
 DIST_STAMP := $(VENV)/.installed-dist-stamp
+EXAMPLES_STAMP := $(VENV)/.installed-examples-stamp
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,11 +46,19 @@ $(DIST_STAMP): setup.cfg pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[dist]'
 	touch $(DIST_STAMP)
 
+$(EXAMPLES_STAMP): setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[server,examples]'
+	touch $(EXAMPLES_STAMP)
+
 demo: $(DEMO_STAMP)
 	$(WITH_SERVER) $(PY) examples/demo.py
 
 test: install
 	$(PY) -m pytest
+
+# The Flask and FastAPI examples under gunicorn and uvicorn, loaded over loopback and checked.
+examples: $(EXAMPLES_STAMP)
+	$(WITH_SERVER) $(PY) tests/examples/run_examples.py
 
 # Against PGPOOL_DSN when set, else an embedded server the benchmark starts (and restarts) itself.
 bench: install-bench
