@@ -45,7 +45,7 @@ class Settings:
 
 
 CONTENTION = [(8, 8), (32, 8), (64, 16)]
-FULL = Settings(5, 20000, 3000, 3.0, CONTENTION, [(8, 8), (32, 8)], 32, 5, 0.05, 1.5, 3.0, True)
+FULL = Settings(5, 20000, 3000, 3.0, CONTENTION, [(8, 8)], 32, 5, 0.05, 1.5, 3.0, True)
 QUICK = Settings(2, 5000, 800, 0.6, CONTENTION, [(8, 8)], 32, 1, 0.05, 0.8, 1.5, False)
 
 
