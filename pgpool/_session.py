@@ -31,7 +31,11 @@ def lend_problem(conn: Connection, info: ConnInfo, check: Hook | None, redact: C
     (it closed the connection, or a notification arrived). The `check` hook runs on every connection,
     new ones included. A BaseException from the hook propagates: the caller drops the connection.
     """
-    if info.probe.poll(0):
+    try:
+        signalled = bool(info.probe.poll(0))
+    except RuntimeError:
+        signalled = True  # polled at the same instant by a fast-path lender that saw it idle: check
+    if signalled:
         try:
             check_connection(conn)
         except Exception as exc:

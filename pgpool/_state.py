@@ -188,6 +188,55 @@ class PoolState:
             claim.waiter = waiter
             return WAIT
 
+    def lend_top(self, top: Connection, info: ConnInfo, now: float) -> bool:
+        """Fast path: lend `top`, the newest idle connection, which the caller probed without the
+        lock, if it is still on top, fit, and nobody waits (False: take the slow path)."""
+        with self.lock:
+            idle = self.idle
+            if (
+                self.waiters
+                or not idle
+                or idle[-1] is not top
+                or info.state is not IDLE
+                or top.closed
+                or top.get_transaction_status() != _STATUS_IDLE
+                or (info.expires is not None and now >= info.expires)
+                or (self.idle_timeout and now - self.return_times[top] > self.idle_timeout)
+            ):
+                return False
+            idle.pop()
+            del self.return_times[top]
+            info.state = LENT
+            info.lease += 1
+            info.borrowed_at = now
+            self.counters["checkouts"] += 1
+            return True
+
+    def return_clean(self, conn: Connection, now: float, lease: int | None) -> bool:
+        """Fast path: take back a lent connection that needs no cleanup, when nobody waits and
+        nothing else is due (False, with nothing changed: take the slow path)."""
+        with self.lock:
+            info = self.conns.get(weakref.ref(conn))
+            if (
+                info is None
+                or info.state is not LENT
+                or (lease is not None and info.lease != lease)
+                or self.waiters
+                or self.closed
+                or not self.idle_timeout
+                or (info.expires is not None and now >= info.expires)
+                or info.needs_cleanup(conn)
+            ):
+                return False
+            idle = self.idle
+            if idle and now - self.return_times[idle[0]] > self.idle_timeout:
+                return False  # idle connections to evict: the slow path does it
+            self.counters["usage_ms_total"] += (now - info.borrowed_at) * 1000
+            info.state = IDLE
+            self.return_times[conn] = now
+            idle.append(conn)
+            return True
+
     def recheck_waiter(self, waiter: Waiter, give_up: bool, now: float) -> bool:
         """After a sleep without a wake-up: grant slots freed by collected leaks; maybe leave the line.
 

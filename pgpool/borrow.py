@@ -94,8 +94,11 @@ class ConnectionBorrow(Generic[C]):
             if outer is not None and outer.conn is not None:
                 self._joined = outer
                 return outer.conn  # type: ignore[return-value]  # nested: the outer borrow returns it
-        wait = pool.timeout if self._timeout is None else pool._checked_timeout(self._timeout)
-        conn, lease = pool._lend(wait)
+        found = pool._lend_idle_fast() if self._timeout is None else None
+        if found is None:
+            wait = pool.timeout if self._timeout is None else pool._checked_timeout(self._timeout)
+            found = pool._lend(wait)
+        conn, lease = found
         try:
             # No Python call from here to the end of the block: the borrow exists whole or not at all.
             borrow = Borrow()

@@ -59,6 +59,7 @@ _names = itertools.count(1)
 _WAIT_SLICE = 0.5  # a waiter re-checks for slots freed by garbage-collected leaks this often
 _TRANSIENT_WAIT = 30.0  # without a timeout, the longest wait for a slot held by a refill or a close
 _LIFETIME_JITTER = 0.05
+_PROBE_SKIP = 0.001  # seconds: a connection returned clean this recently is lent without a probe
 
 
 def _check_hook(name: str, hook: object) -> None:
@@ -239,10 +240,39 @@ class ConnectionPool(Generic[C]):
 
         `key`, as in ``psycopg2.pool``: the same key gets the same connection until it is put back.
         """
+        if key is None:
+            found = self._lend_idle_fast()
+            if found is not None:
+                return found[0]
         wait = self.timeout if timeout is None else self._checked_timeout(timeout)
         if key is not None:
             return self._getconn_keyed(key, wait)
         return self._lend(wait)[0]
+
+    def _lend_idle_fast(self) -> tuple[C, int] | None:
+        """The fast path of a lend: the newest idle connection, probed without the lock, lent in one
+        locked step that makes no Python call (nothing is taken until it returns, so an interrupt
+        loses nothing). None when anything needs the slow path: hooks, waiters, a signalled socket."""
+        state = self._state
+        if not state.idle or state.collected or state.leaks:
+            return None  # nothing idle, or leaks to count and report: the slow path does it
+        if self.check is not None or self.leak_timeout is not None or self._events is not None:
+            return None
+        if not self._housekeeper.started:
+            return None
+        now = time.monotonic()
+        try:
+            top = state.idle[-1]
+            info = state.conns[weakref.ref(top)]
+            # The socket probe is skipped for a connection returned clean within the last
+            # millisecond (as HikariCP skips validation for a connection used very recently): a
+            # busy pool lends and returns the same connection in a tight loop.
+            signalled = now - state.return_times[top] >= _PROBE_SKIP and bool(info.probe.poll(0))
+        except (IndexError, KeyError, RuntimeError):  # taken, or being probed, by another thread
+            return None
+        if signalled or not state.lend_top(top, info, now):
+            return None
+        return top, info.lease  # type: ignore[return-value]  # opened by connection_factory
 
     def _getconn_keyed(self, key: Any, wait: float) -> C:
         held = self._keys.get(key)
@@ -414,6 +444,35 @@ class ConnectionPool(Generic[C]):
         of the connection's state. It raises `PoolError` for a connection this pool did not lend or
         that was already returned, and then changes nothing. `key`, as in ``psycopg2.pool``.
         """
+        if not isinstance(close, bool):
+            raise TypeError(f"close must be True or False, got {close!r} (pool {self.name!r})")
+        try:
+            if key is not None or self._keys:
+                conn = self._unkey(conn, key)
+            if not isinstance(conn, Connection):
+                raise PoolError(
+                    f"pool {self.name!r} can only take back a psycopg2 connection it lent, got {type(conn).__name__}"
+                )
+            if id(conn) in _fork.orphan_ids:
+                return  # inherited through fork and already disowned: nothing to give back
+            if (
+                not close
+                and self.reset is None
+                and self._events is None
+                and self._state.return_clean(conn, time.monotonic(), None)
+            ):
+                return  # the fast path: clean, nobody waiting, nothing due (one locked step)
+            self._return(conn, None, close)
+        except PoolError:
+            raise
+        except BaseException:
+            info = self._state.info_of(conn) if isinstance(conn, Connection) else None
+            if info is not None and info.state is LENT:
+                self._return(conn, None, close)  # interrupted on its entry: nothing had happened yet
+            raise
+
+    def _unkey(self, conn: C | None, key: Any) -> C | None:
+        """psycopg2.pool's keys: find the connection lent under `key`, and forget its key."""
         if key is not None:
             if conn is None:
                 conn = self._keys.get(key)
@@ -421,33 +480,19 @@ class ConnectionPool(Generic[C]):
                     raise PoolError(f"no connection is lent under key {key!r} by pool {self.name!r}")
             if self._keys.get(key) is conn:
                 del self._keys[key]
-        if not isinstance(close, bool):
-            raise TypeError(f"close must be True or False, got {close!r} (pool {self.name!r})")
-        if not isinstance(conn, Connection):
-            raise PoolError(
-                f"pool {self.name!r} can only take back a psycopg2 connection it lent, got {type(conn).__name__}"
-            )
-        if id(conn) in _fork.orphan_ids:
-            return  # inherited through fork and already disowned: nothing to give back
         for held_key, held in list(self._keys.items()):
             if held is conn:
                 del self._keys[held_key]
-        try:
-            self._return(conn, None, close)
-        except PoolError:
-            raise
-        except BaseException:
-            info = self._state.info_of(conn)
-            if info is not None and info.state is LENT:
-                self._return(conn, None, close)  # interrupted on its entry: nothing had happened yet
-            raise
+        return conn
 
     def _return(self, conn: Connection, lease: int | None, close: bool = False) -> None:
         """Take back `conn`. With a `lease` (internal callers), idempotent: a borrow that ended already,
         or whose return was cut short by an interrupt, is finished or left alone, never refused."""
         state = self._state
-        to_close: list[tuple[Connection, str]] = []
         now = time.monotonic()
+        if not close and self.reset is None and self._events is None and state.return_clean(conn, now, lease):
+            return  # the fast path: clean, nobody waiting, nothing due (one locked step)
+        to_close: list[tuple[Connection, str]] = []
         if lease is not None:
             info = state.info_of(conn)
             if info is None or info.lease != lease:
