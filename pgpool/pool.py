@@ -466,9 +466,10 @@ class ConnectionPool(Generic[C]):
         except PoolError:
             raise
         except BaseException:
-            info = self._state.info_of(conn) if isinstance(conn, Connection) else None
-            if info is not None and info.state is LENT:
-                self._return(conn, None, close)  # interrupted on its entry: nothing had happened yet
+            if isinstance(conn, Connection):
+                info = self._state.info_of(conn)
+                if info is not None and info.state is LENT:
+                    self._return(conn, None, close)  # interrupted on its entry: nothing had happened yet
             raise
 
     def _unkey(self, conn: C | None, key: Any) -> C | None:
