@@ -39,7 +39,7 @@ $(BENCH_STAMP): $(STAMP)
 	touch $(BENCH_STAMP)
 
 $(DOCS_STAMP): setup.cfg pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[docs]'
+	$(PY) -m pip install --quiet -e '.[docs,otel]'
 	touch $(DOCS_STAMP)
 
 $(DIST_STAMP): setup.cfg pyproject.toml | $(PY)
