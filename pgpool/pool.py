@@ -322,8 +322,7 @@ class ConnectionPool(Generic[C]):
                             raise
                         state.release_slot(claim)
                         if remaining <= 0:
-                            self._count_timeout()
-                            raise PoolTimeout(self._timeout_message(wait, exc)) from exc
+                            raise self._give_up(wait, exc, attempt) from exc
                         time.sleep(min(remaining, backoff(attempt - 1)))
                         continue
                     if not state.adopt(claim, time.monotonic(), lend=True):
@@ -355,8 +354,7 @@ class ConnectionPool(Generic[C]):
                     if wait <= 0:
                         raise error
                     if remaining <= 0:
-                        self._count_timeout()
-                        raise PoolTimeout(self._timeout_message(wait, error)) from error
+                        raise self._give_up(wait, error, attempt) from error
                     time.sleep(min(remaining, backoff(attempt - 1)))
         except BaseException:
             try:
@@ -415,6 +413,13 @@ class ConnectionPool(Generic[C]):
             getattr(self._events, event)(self, *args)
         except Exception:
             logger.warning("pool %r: the metrics listener failed on %s", self.name, event, exc_info=True)
+
+    def _give_up(self, wait: float, error: BaseException, attempts: int) -> PoolTimeout:
+        """The PoolTimeout that ends a series of failed connects, which one INFO record sums up
+        (the first failure was a WARNING, the retries DEBUG; the timeout itself is raised, not logged)."""
+        self._count_timeout()
+        logger.info("pool %r: giving up after %d failed connect attempts in %.2f sec", self.name, attempts, wait)
+        return PoolTimeout(self._timeout_message(wait, error))
 
     def _count_timeout(self) -> None:
         self._state.count("timeouts")
@@ -623,8 +628,7 @@ class ConnectionPool(Generic[C]):
                     first_error = self._note_connect_error(exc, attempt, first_error)
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        self._count_timeout()
-                        raise PoolTimeout(self._timeout_message(self.timeout, exc)) from exc
+                        raise self._give_up(self.timeout, exc, attempt) from exc
                     time.sleep(min(remaining, backoff(attempt - 1)))
 
     # -- whole pool ----------------------------------------------------------------------------

@@ -114,3 +114,34 @@ def test_a_wrong_password_reaches_the_caller_masked_and_loses_no_slot(dsn, passw
         with pool.connection() as conn, conn.cursor() as cur:
             cur.execute("SELECT current_user")
             assert cur.fetchone()[0] == password_role
+
+
+@pytest.mark.embedded
+def test_a_pool_created_while_the_server_starts_waits_for_it_within_its_timeout(embedded):
+    """A server of its own, stopped: the pool's minconn connects retry with backoff until it is up."""
+    import threading
+    import time
+
+    with EmbeddedPostgres() as starting:
+        starting.stop()
+        starter = threading.Timer(0.7, starting.start)
+        starter.start()
+        try:
+            begun = time.monotonic()
+            with ThreadSafeConnectionPool(minconn=2, maxconn=2, dsn=starting.dsn, timeout=30) as pool:
+                took = time.monotonic() - begun
+                assert pool.stats()["idle"] == 2 and pool.stats()["connect_errors"] >= 1
+                assert took >= 0.5
+        finally:
+            starter.join(60)
+
+
+@pytest.mark.embedded
+def test_a_pool_created_while_the_server_is_down_times_out_chained_or_fails_at_once(embedded):
+    with EmbeddedPostgres() as down:
+        down.stop()
+        with pytest.raises(PoolTimeout, match="last connect error") as info:
+            ThreadSafeConnectionPool(minconn=1, dsn=down.dsn, timeout=0.5)
+        assert isinstance(info.value.__cause__, psycopg2.OperationalError)
+        with pytest.raises(psycopg2.OperationalError):  # timeout=0: the reference behaviour
+            ThreadSafeConnectionPool(minconn=1, dsn=down.dsn)
