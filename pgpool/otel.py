@@ -17,12 +17,13 @@ Every point carries ``db.client.connection.pool.name`` = ``pool.name``:
   each collection;
 - ``db.client.connection.timeouts`` (``{timeout}``): a counter of the `PoolTimeout` raised since
   the pool was instrumented;
-- ``db.client.connection.wait_time`` (every lend: how long `getconn` took), ``create_time`` (every
-  connection opened for a lend), ``use_time`` (every return: how long the connection was lent):
+- ``db.client.connection.wait_time`` (every lend: how long `getconn` took), ``create_time``
+  (every connection opened: for a lend, for ``minconn``, or a background refill), ``use_time``
+  (every return: how long the connection was lent):
   histograms in seconds.
 
 Importing `pgpool` never imports OpenTelemetry; only this module does. An instrumented pool tells
-its listener of each lend, return and timeout (``pool._events``); an uninstrumented pool pays one
+its listener of each connect, lend, return and timeout (``pool._events``); an uninstrumented pool pays one
 attribute check.
 """
 
@@ -164,7 +165,7 @@ class _Instruments:
 
 
 class _Listener:
-    """The pool's ``_events``: told of each lend, return and timeout, it records them."""
+    """The pool's ``_events``: told of each connect, lend, return and timeout, it records them."""
 
     __slots__ = ("attributes", "instruments")
 
@@ -172,10 +173,12 @@ class _Listener:
         self.instruments = instruments
         self.attributes = attributes
 
-    def lent(self, pool: ConnectionPool[Any], wait_seconds: float, connect_seconds: float | None) -> None:
+    def opened(self, pool: ConnectionPool[Any], connect_seconds: float) -> None:
+        """Every connect: for a borrower, for minconn at construction, or a background refill."""
+        self.instruments.create_time.record(connect_seconds, self.attributes)
+
+    def lent(self, pool: ConnectionPool[Any], wait_seconds: float) -> None:
         self.instruments.wait_time.record(wait_seconds, self.attributes)
-        if connect_seconds is not None:
-            self.instruments.create_time.record(connect_seconds, self.attributes)
 
     def returned(self, pool: ConnectionPool[Any], use_seconds: float) -> None:
         self.instruments.use_time.record(use_seconds, self.attributes)

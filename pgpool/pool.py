@@ -310,7 +310,7 @@ class ConnectionPool(Generic[C]):
                 fresh = claim.slot
                 if claim.slot:
                     try:
-                        self._connector.open(claim)
+                        self._open(claim)
                     except Exception as exc:
                         if claim.new_conn is not None or not retryable(exc):
                             raise  # configure failed, or a bad setting: no retry can fix it
@@ -338,7 +338,7 @@ class ConnectionPool(Generic[C]):
                     if self.leak_timeout is not None:
                         self._note_borrow(claim.info)
                     if self._events is not None:
-                        self._emit("lent", time.monotonic() - start, claim.connect_seconds if fresh else None)
+                        self._emit("lent", time.monotonic() - start)
                     conn, lease = claim.conn, claim.info.lease
                     claim.conn = claim.info = None  # the caller owns it now
                     return conn, lease  # type: ignore[return-value]  # opened by connection_factory
@@ -363,6 +363,12 @@ class ConnectionPool(Generic[C]):
                 self._give_back_claim(claim)  # an interrupt on its entry: it is idempotent
                 raise
             raise
+
+    def _open(self, claim: Claim) -> None:
+        """Open a connection in the claim's slot (see `Connector.open`) and tell the metrics listener."""
+        self._connector.open(claim)
+        if self._events is not None:
+            self._emit("opened", claim.connect_seconds)
 
     def _give_back_claim(self, claim: Claim) -> None:
         """Give back all a failed or interrupted getconn holds. Idempotent: safe to call again."""
@@ -543,9 +549,15 @@ class ConnectionPool(Generic[C]):
     def _after_drop(self) -> None:
         """Reopen connections up to minconn: here, as psycopg2_pool does, or in the background."""
         if self._refill_in_background:
-            self._housekeeper.kick()
+            self._kick_housekeeper()
         else:
             self._refill()
+
+    def _kick_housekeeper(self) -> None:
+        """Have the housekeeper run a round now (refill minconn), starting it if nobody borrowed yet."""
+        if not self._housekeeper.started and not self.closed:
+            self._housekeeper.start()
+        self._housekeeper.kick()
 
     def _close_dropped(self, to_close: list[tuple[Connection, str]], keep_slot_for: Claim | None = None) -> None:
         """Close dropped connections, each slot freed only once its connection is closed.
@@ -573,7 +585,7 @@ class ConnectionPool(Generic[C]):
             if not state.reserve_refill(claim):
                 return
             try:
-                self._connector.open(claim)
+                self._open(claim)
                 state.adopt(claim, time.monotonic(), lend=False)
                 self._close_dropped(claim.to_close)
             except BaseException as exc:
@@ -612,7 +624,7 @@ class ConnectionPool(Generic[C]):
                 if not state.reserve_refill(claim):
                     return
                 try:
-                    self._connector.open(claim)
+                    self._open(claim)
                     state.adopt(claim, time.monotonic(), lend=False)
                     break
                 except BaseException as exc:
@@ -648,7 +660,7 @@ class ConnectionPool(Generic[C]):
             self._close_dropped(to_close)  # consumes what is left, so safe after a partial run
             raise
         if self._refill_in_background:
-            self._housekeeper.kick()
+            self._kick_housekeeper()
 
     def close(self) -> None:
         """Close the pool: idle connections now, lent ones when they come back.

@@ -42,6 +42,7 @@ def assert_every_slot_lendable(pool) -> None:
 # -- copied contexts -------------------------------------------------------------------------------
 
 
+@pytest.mark.needs_session  # compares backend pids, which PgBouncer's transaction mode shares
 def test_to_thread_inside_a_borrow_gets_its_own_connection(dsn):
     with ThreadSafeConnectionPool(minconn=0, maxconn=2, timeout=2, dsn=dsn) as pool:
 
@@ -60,6 +61,7 @@ def test_to_thread_inside_a_borrow_gets_its_own_connection(dsn):
         assert_every_slot_lendable(pool)
 
 
+@pytest.mark.needs_session  # compares backend pids, which PgBouncer's transaction mode shares
 def test_executor_running_a_copied_context_inside_a_borrow_gets_its_own_connection(dsn):
     with ThreadSafeConnectionPool(minconn=0, maxconn=2, timeout=2, dsn=dsn) as pool:
 

@@ -213,6 +213,15 @@ def test_create_time_has_one_point_per_connection_opened(dsn, metrics):
         assert metrics.point("db.client.connection.wait_time", "creates").count == 8
 
 
+def test_create_time_counts_the_connects_of_minconn_refills_too(dsn, metrics):
+    with ThreadSafeConnectionPool(minconn=2, maxconn=4, name="refills", dsn=dsn) as pool:
+        pgpool.otel.instrument(pool, metrics.provider)
+        pool.clear()  # the housekeeper reopens minconn=2 in the background
+        assert wait_until(lambda: pool.stats()["idle"] == 2, timeout=5)
+        create = metrics.point("db.client.connection.create_time", "refills")
+        assert create.count == 2 and pool.stats()["connections_opened"] == 4
+
+
 def test_every_point_carries_the_pool_name(dsn, metrics):
     with ThreadSafeConnectionPool(minconn=1, maxconn=1, name="everything", dsn=dsn) as pool:
         pgpool.otel.instrument(pool, metrics.provider)
