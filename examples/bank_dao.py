@@ -21,10 +21,12 @@ import os
 import random
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import psycopg2
+from psycopg2.extensions import connection, cursor
 
-from pgpool import ThreadSafeConnectionPool, with_connection, with_transaction
+from pgpool import BORROWED, ThreadSafeConnectionPool, with_connection, with_transaction
 
 ACCOUNTS = 20
 INITIAL_BALANCE = 1000
@@ -48,21 +50,21 @@ def session_name() -> str:
     return f"{os.environ.get('PGPOOL_EXAMPLE_APPNAME', 'pgpool-example')}-{os.getpid()}"
 
 
-def name_session(conn) -> None:
+def name_session(conn: connection) -> None:
     """The pool's ``configure`` hook: runs once per new connection, in the process that opens it."""
     with conn.cursor() as cur:
         cur.execute("SELECT set_config('application_name', %s, false)", (session_name(),))
     # Left in a transaction: the pool commits it, so the setting sticks for the session's life.
 
 
-def open_pool(**overrides) -> ThreadSafeConnectionPool:
+def open_pool(**overrides: Any) -> ThreadSafeConnectionPool:
     """Create the pool the DAO functions use, from ``PGPOOL_DSN`` and ``PGPOOL_EXAMPLE_MAXCONN``.
 
     ``maxconn`` should not exceed the threads of a worker (they cannot use more); ``timeout`` makes
     a request wait for a connection instead of failing when the server's threads outnumber it.
     """
     global _pool
-    settings = {
+    settings: dict[str, Any] = {
         "minconn": 1,
         "maxconn": int(os.environ.get("PGPOOL_EXAMPLE_MAXCONN", "4")),
         "timeout": 10,
@@ -123,15 +125,23 @@ def serve_metrics(pool: ThreadSafeConnectionPool) -> Callable[[], None] | None:
 # -- queries ---------------------------------------------------------------------------------------
 
 
+def _one(cur: cursor) -> tuple[Any, ...]:
+    """The row of a query that returns exactly one (an aggregate, ``pg_backend_pid()``)."""
+    row = cur.fetchone()
+    if row is None:
+        raise RuntimeError("the query returned no row")
+    return row
+
+
 @with_connection(get_pool)
-def check_schema(conn) -> int:
+def check_schema(conn: connection = BORROWED) -> int:
     """Fail fast when the tables are missing; return the number of accounts."""
     with conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM example_accounts")
-        return int(cur.fetchone()[0])
+        return int(_one(cur)[0])
 
 
-def _move(cur, source: int, target: int, amount: int, note: str) -> None:
+def _move(cur: cursor, source: int, target: int, amount: int, note: str) -> None:
     # Rows locked in id order: two opposite transfers cannot deadlock.
     for account, delta in sorted([(source, -amount), (target, amount)]):
         cur.execute("UPDATE example_accounts SET balance = balance + %s WHERE id = %s", (delta, account))
@@ -144,17 +154,17 @@ def _move(cur, source: int, target: int, amount: int, note: str) -> None:
 
 
 @with_transaction(get_pool)
-def transfer(source: int, target: int, amount: int, conn) -> dict:
+def transfer(source: int, target: int, amount: int, conn: connection = BORROWED) -> dict[str, Any]:
     """Move `amount` between two accounts and record it in the ledger, in one transaction."""
     with conn.cursor() as cur:
         _move(cur, source, target, amount, "transfer")
         cur.execute("SELECT pg_backend_pid(), current_setting('application_name')")
-        backend_pid, application_name = cur.fetchone()
+        backend_pid, application_name = _one(cur)
     return {"backend_pid": backend_pid, "application_name": application_name}
 
 
 @with_transaction(get_pool)
-def transfer_then_fail(source: int, target: int, amount: int, conn) -> None:
+def transfer_then_fail(source: int, target: int, amount: int, conn: connection = BORROWED) -> None:
     """Do a transfer's writes, then raise: the transaction must roll back all of them."""
     with conn.cursor() as cur:
         _move(cur, source, target, amount, FAILURE_NOTE)
@@ -162,7 +172,7 @@ def transfer_then_fail(source: int, target: int, amount: int, conn) -> None:
 
 
 @with_connection(get_pool)
-def balance(account: int, conn) -> int | None:
+def balance(account: int, conn: connection = BORROWED) -> int | None:
     with conn.cursor() as cur:
         cur.execute("SELECT balance FROM example_accounts WHERE id = %s", (account,))
         row = cur.fetchone()
@@ -170,17 +180,17 @@ def balance(account: int, conn) -> int | None:
 
 
 @with_connection(get_pool)
-def total(conn) -> int:
+def total(conn: connection = BORROWED) -> int:
     with conn.cursor() as cur:
         cur.execute("SELECT sum(balance) FROM example_accounts")
-        return int(cur.fetchone()[0])
+        return int(_one(cur)[0])
 
 
 @with_connection(get_pool)
-def whoami(conn) -> dict:
+def whoami(conn: connection = BORROWED) -> dict[str, Any]:
     with conn.cursor() as cur:
         cur.execute("SELECT pg_backend_pid(), current_setting('application_name')")
-        backend_pid, application_name = cur.fetchone()
+        backend_pid, application_name = _one(cur)
     return {"backend_pid": backend_pid, "application_name": application_name}
 
 

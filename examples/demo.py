@@ -12,10 +12,12 @@ import random
 import sys
 import threading
 import time
+from typing import Any
 
 import psycopg2.errors
+from psycopg2.extensions import connection, cursor
 
-from pgpool import ThreadSafeConnectionPool, with_connection, with_transaction
+from pgpool import BORROWED, ThreadSafeConnectionPool, with_connection, with_transaction
 
 # -- the DAO module: decorated before any pool exists, resolved at call time ------------------------
 
@@ -27,8 +29,16 @@ def get_pool() -> ThreadSafeConnectionPool:
     return _pool
 
 
+def _one(cur: cursor) -> tuple[Any, ...]:
+    """The row of a query that returns exactly one (here, aggregates)."""
+    row = cur.fetchone()
+    if row is None:
+        raise RuntimeError("the query returned no row")
+    return row
+
+
 @with_transaction(get_pool)
-def create_schema(conn) -> None:
+def create_schema(conn: connection = BORROWED) -> None:
     with conn.cursor() as cur:
         cur.execute("DROP TABLE IF EXISTS demo_accounts")
         cur.execute("CREATE TABLE demo_accounts (id int PRIMARY KEY, balance int NOT NULL CHECK (balance >= 0))")
@@ -36,7 +46,7 @@ def create_schema(conn) -> None:
 
 
 @with_transaction(get_pool)
-def transfer(source: int, target: int, amount: int, conn) -> None:
+def transfer(source: int, target: int, amount: int, conn: connection = BORROWED) -> None:
     """Move money; the CHECK constraint refuses a transfer that would overdraw, and it rolls back whole."""
     changes = sorted([(source, -amount), (target, amount)])  # rows locked in id order: no deadlocks
     with conn.cursor() as cur:
@@ -45,19 +55,19 @@ def transfer(source: int, target: int, amount: int, conn) -> None:
 
 
 @with_connection(get_pool)
-def total_balance(conn) -> int:
+def total_balance(conn: connection = BORROWED) -> int:
     with conn.cursor() as cur:
         cur.execute("SELECT sum(balance) FROM demo_accounts")
-        return int(cur.fetchone()[0])
+        return int(_one(cur)[0])
 
 
 @with_connection(get_pool)
-def audit(conn) -> tuple[int, int]:
+def audit(conn: connection = BORROWED) -> tuple[int, int]:
     """Nested calls join this borrow: one connection for the whole audit."""
     before = total_balance()  # joins: no second connection taken
     with conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM demo_accounts WHERE balance = 0")
-        empty = int(cur.fetchone()[0])
+        empty = int(_one(cur)[0])
     return before, empty
 
 

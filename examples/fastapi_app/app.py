@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import bank_dao
 from fastapi import FastAPI, HTTPException, Request
@@ -19,9 +21,9 @@ from fastapi.responses import JSONResponse
 
 
 @asynccontextmanager
-async def lifespan(app: FastAPI):
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     pool = bank_dao.open_pool()
-    stop_metrics = None
+    stop_metrics: Callable[[], None] | None = None
     try:
         bank_dao.check_schema()  # fail at startup when the database or the tables are missing
         stop_metrics = bank_dao.serve_metrics(pool)  # only with PGPOOL_EXAMPLE_METRICS_PORT set
@@ -36,7 +38,7 @@ app = FastAPI(lifespan=lifespan)
 
 
 @app.post("/transfer")
-def transfer() -> dict:
+def transfer() -> dict[str, Any]:
     source, target = bank_dao.random_pair()
     amount = random.randint(1, 10)
     done = bank_dao.transfer(source, target, amount)
@@ -44,7 +46,7 @@ def transfer() -> dict:
 
 
 @app.post("/transfer-then-fail")
-def transfer_then_fail() -> dict:
+def transfer_then_fail() -> dict[str, Any]:
     source, target = bank_dao.random_pair()
     bank_dao.transfer_then_fail(source, target, 5)  # raises DeliberateFailure, handled below
     return {"error": "unreachable"}
@@ -57,28 +59,30 @@ def deliberate_failure(request: Request, exc: bank_dao.DeliberateFailure) -> JSO
 
 
 @app.get("/balance/{account}")
-def balance(account: int) -> dict:
+def balance(account: int) -> dict[str, Any]:
     # A plain borrow: the DAO call inside joins it (one connection for both reads).
     with bank_dao.get_pool().connection() as conn:
         value = bank_dao.balance(account)
         with conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM example_ledger WHERE %s IN (source, target)", (account,))
-            transfers = cur.fetchone()[0]
+            row = cur.fetchone()
+            assert row is not None  # count(*) returns one row
+            transfers = row[0]
     if value is None:
         raise HTTPException(404, f"no account {account}")
     return {"worker_pid": os.getpid(), "account": account, "balance": value, "transfers": transfers}
 
 
 @app.get("/total")
-def total() -> dict:
+def total() -> dict[str, Any]:
     return {"worker_pid": os.getpid(), "total": bank_dao.total()}
 
 
 @app.get("/whoami")
-def whoami() -> dict:
+def whoami() -> dict[str, Any]:
     return {"worker_pid": os.getpid(), **bank_dao.whoami()}
 
 
 @app.get("/stats")
-def stats() -> dict:
+def stats() -> dict[str, Any]:
     return {"worker_pid": os.getpid(), **bank_dao.get_pool().stats()}

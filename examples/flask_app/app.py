@@ -12,7 +12,8 @@ import os
 import random
 
 import bank_dao
-from flask import Flask, jsonify
+from flask import Flask, Response, jsonify
+from flask.typing import ResponseReturnValue
 
 pool = bank_dao.open_pool()
 # Fail at startup, in the master, when the database is unreachable or the tables are missing. This
@@ -25,7 +26,7 @@ app = Flask(__name__)
 
 
 @app.post("/transfer")
-def transfer():
+def transfer() -> Response:
     source, target = bank_dao.random_pair()
     amount = random.randint(1, 10)
     done = bank_dao.transfer(source, target, amount)
@@ -33,41 +34,43 @@ def transfer():
 
 
 @app.post("/transfer-then-fail")
-def transfer_then_fail():
+def transfer_then_fail() -> tuple[Response, int]:
     source, target = bank_dao.random_pair()
     bank_dao.transfer_then_fail(source, target, 5)  # raises DeliberateFailure, handled below
     return jsonify(error="unreachable"), 500
 
 
 @app.errorhandler(bank_dao.DeliberateFailure)
-def deliberate_failure(exc: bank_dao.DeliberateFailure):
+def deliberate_failure(exc: bank_dao.DeliberateFailure) -> tuple[Response, int]:
     # The exception has already left the transaction, which rolled back and returned the connection.
     return jsonify(worker_pid=os.getpid(), error=str(exc), rolled_back=True), 500
 
 
 @app.get("/balance/<int:account>")
-def balance(account: int):
+def balance(account: int) -> ResponseReturnValue:
     # A plain borrow: the DAO call inside joins it (one connection for both reads).
     with pool.connection() as conn:
         value = bank_dao.balance(account)
         with conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM example_ledger WHERE %s IN (source, target)", (account,))
-            transfers = cur.fetchone()[0]
+            row = cur.fetchone()
+            assert row is not None  # count(*) returns one row
+            transfers = row[0]
     if value is None:
         return jsonify(error=f"no account {account}"), 404
     return jsonify(worker_pid=os.getpid(), account=account, balance=value, transfers=transfers)
 
 
 @app.get("/total")
-def total():
+def total() -> Response:
     return jsonify(worker_pid=os.getpid(), total=bank_dao.total())
 
 
 @app.get("/whoami")
-def whoami():
+def whoami() -> Response:
     return jsonify(worker_pid=os.getpid(), **bank_dao.whoami())
 
 
 @app.get("/stats")
-def stats():
+def stats() -> Response:
     return jsonify(worker_pid=os.getpid(), **pool.stats())

@@ -5,7 +5,14 @@ plus the master's minconn (1) opened by the startup check. Keep that under the s
 max_connections, with room for everything else that connects to it.
 """
 
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.workers.base import Worker
 
 wsgi_app = "flask_app.app:app"
 bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
@@ -19,7 +26,7 @@ graceful_timeout = 10  # on SIGTERM, in-flight requests get this long to finish
 control_socket_disable = True
 
 
-def post_fork(server, worker):
+def post_fork(server: Arbiter, worker: Worker) -> None:
     # Only for the optional metrics (PGPOOL_EXAMPLE_METRICS_PORT): each worker reports its own pool,
     # through an HTTP server thread of its own (fork copies no thread of the master).
     if os.environ.get("PGPOOL_EXAMPLE_METRICS_PORT"):
