@@ -14,6 +14,7 @@ BENCH_STAMP := $(VENV)/.installed-bench-stamp
 DOCS_STAMP := $(VENV)/.installed-docs-stamp
 DIST_STAMP := $(VENV)/.installed-dist-stamp
 EXAMPLES_STAMP := $(VENV)/.installed-examples-stamp
+LINT_STAMP := $(VENV)/.installed-lint-stamp
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +51,12 @@ $(EXAMPLES_STAMP): setup.cfg pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[server,examples]'
 	touch $(EXAMPLES_STAMP)
 
+# The linters and type checkers, with what pgpool/otel.py and examples/ import (OpenTelemetry, Flask,
+# FastAPI...), so that mypy and pyright check them against those packages' own types.
+$(LINT_STAMP): setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[lint,otel,examples]'
+	touch $(LINT_STAMP)
+
 demo: $(DEMO_STAMP)
 	$(WITH_SERVER) $(PY) examples/demo.py
 
@@ -67,10 +74,13 @@ bench: install-bench
 bench-quick: install-bench
 	$(PY) -m bench.run --quick --out bench/results/quick
 
-lint: install
+# mypy --strict and pyright on pgpool/ and examples/ (what and how: [mypy] in setup.cfg, [tool.pyright]
+# in pyproject.toml).
+lint: $(LINT_STAMP)
 	$(VENV)/bin/ruff check pgpool tests examples bench docs
 	$(VENV)/bin/ruff format --check pgpool tests examples bench docs
 	$(VENV)/bin/mypy
+	$(VENV)/bin/pyright
 
 format: install
 	$(VENV)/bin/ruff check --fix pgpool tests examples bench docs
