@@ -506,22 +506,22 @@ class ConnectionPool(Generic[C]):
             return  # the fast path: clean, nobody waiting, nothing due (one locked step)
         to_close: list[tuple[Connection, str]] = []
         if lease is not None:
-            info = state.info_of(conn)
-            if info is None or info.lease != lease:
+            known = state.info_of(conn)
+            if known is None or known.lease != lease:
                 return
-            if info.state is RETURNING:
-                self._abort_return(conn, info, to_close)  # an earlier return was interrupted
+            if known.state is RETURNING:
+                self._abort_return(conn, known, to_close)  # an earlier return was interrupted
                 return
-            if info.state is not LENT:
+            if known.state is not LENT:
                 return  # an earlier return got this far before the interrupt: done
         clean = not close and self.reset is None and not conn.closed
         if self._events is not None:
             held = state.info_of(conn)
             if held is not None and held.state is LENT:
                 self._emit("returned", now - held.borrowed_at)
-        info = None
-        info = state.begin_return(conn, clean, now, to_close)
+        info: ConnInfo | None = None
         try:
+            info = state.begin_return(conn, clean, now, to_close)  # PoolError: refused, nothing changed
             if info is not None:
                 reason = _session.return_problem(conn, close)
                 if reason is None:
@@ -533,17 +533,18 @@ class ConnectionPool(Generic[C]):
                 self._close_dropped(to_close)
                 self._after_drop()
         except BaseException:
-            if info is not None:
-                try:
-                    self._abort_return(conn, info, to_close)
-                except BaseException:
-                    self._abort_return(conn, info, to_close)
-                    raise
+            try:
+                self._abort_return(conn, info, to_close)
+            except BaseException:
+                self._abort_return(conn, info, to_close)  # an interrupt on its entry: it is idempotent
+                raise
             raise
 
-    def _abort_return(self, conn: Connection, info: ConnInfo, to_close: list[tuple[Connection, str]]) -> None:
-        """Finish a return that was cut short: its cleanup may be half done, so drop it. Idempotent."""
-        self._state.finish_return(conn, info, "cleanup interrupted", time.monotonic(), to_close)
+    def _abort_return(self, conn: Connection, info: ConnInfo | None, to_close: list[tuple[Connection, str]]) -> None:
+        """Finish a return that was cut short: a connection being cleaned up is dropped (its cleanup
+        may be half done), and whatever was dropped meanwhile (evictions) is closed. Idempotent."""
+        if info is not None:
+            self._state.finish_return(conn, info, "cleanup interrupted", time.monotonic(), to_close)
         self._close_dropped(to_close)
 
     def _after_drop(self) -> None:
