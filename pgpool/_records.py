@@ -27,6 +27,7 @@ class ConnInfo:
     __slots__ = (
         "autocommit",
         "borrowed_at",
+        "cursor_factory",
         "deferrable",
         "encoding",
         "expires",
@@ -50,6 +51,7 @@ class ConnInfo:
         self.readonly = conn.readonly
         self.deferrable = conn.deferrable
         self.encoding = conn.encoding
+        self.cursor_factory = conn.cursor_factory
         # In autocommit, psycopg2 keeps read-only, deferrable and the isolation level as server
         # settings, which a borrower switching autocommit off and on again resets unseen: such a
         # connection has them applied again on every return.
@@ -69,6 +71,9 @@ class ConnInfo:
             or conn.readonly != self.readonly
             or conn.deferrable != self.deferrable
             or conn.encoding != self.encoding
+            # A borrower's SQL "SET client_encoding" changes the server's encoding, not psycopg2's.
+            or conn.info.parameter_status("client_encoding") != self.encoding
+            or conn.cursor_factory is not self.cursor_factory
             or bool(conn.notices)
             or bool(conn.notifies)
         )

@@ -17,6 +17,9 @@ _URL_PASSWORD = re.compile(r"\w+://[^:/@\s]*:([^\n]*)@")
 _QUERY_PASSWORD = re.compile(r"[?&]password=([^&\n]*)")
 # key=value: a quoted value may hold spaces and escaped quotes; an unquoted one ends at white space.
 _KV_PASSWORD = re.compile(r"""\bpassword\s*=\s*('(?:[^'\\]|\\.)*'|\S+)""")
+# What someone may have meant as an unquoted password with spaces: libpq ends the value at the first
+# space and then complains about the next word, quoting it. Everything up to the next "key=".
+_KV_PASSWORD_SPAN = re.compile(r"\bpassword\s*=\s*([^'\s][^=]*?)(?=\s+\w+\s*=|\s*$)")
 
 
 def find_secrets(connect_kwargs: Mapping[str, Any]) -> tuple[str, ...]:
@@ -40,6 +43,10 @@ def find_secrets(connect_kwargs: Mapping[str, Any]) -> tuple[str, ...]:
         value = match.group(1)
         inner = value[1:-1] if value.startswith("'") and value.endswith("'") and len(value) > 1 else value
         found.update((value, inner, re.sub(r"\\(.)", r"\1", inner)))
+    for match in _KV_PASSWORD_SPAN.finditer(dsn):
+        span = match.group(1)
+        found.add(span)
+        found.update(word for word in span.split() if len(word) >= 3)
     if os.environ.get("PGPASSWORD"):
         found.add(os.environ["PGPASSWORD"])
     # Longest first, so that a password containing another one is masked whole.

@@ -86,10 +86,10 @@ def clean_returned(
                 if conn.get_transaction_status() != _STATUS_IDLE:
                     conn.commit()
         restore_session(conn, info, forced=reset is not None or info.sticky)
+        conn.notices.clear()  # a list, or a deque a configure hook put there
+        conn.notifies.clear()
     except Exception as exc:
         return f"cleanup failed ({redact(str(exc).strip())})"
-    del conn.notices[:]
-    del conn.notifies[:]
     return None
 
 
@@ -107,7 +107,15 @@ def restore_session(conn: Connection, info: ConnInfo, forced: bool) -> None:
         conn.readonly = info.readonly
     if forced or conn.deferrable != info.deferrable:
         conn.deferrable = info.deferrable
-    if conn.encoding != info.encoding or conn.info.parameter_status("client_encoding") != info.encoding:
+    if conn.encoding != info.encoding:
         conn.set_client_encoding(info.encoding)
+    if conn.info.parameter_status("client_encoding") != info.encoding:
+        # Changed in SQL (SET client_encoding, or a reset): psycopg2 believes it unchanged and would
+        # skip set_client_encoding, so say it to the server, and keep it.
+        with conn.cursor() as cur:
+            cur.execute("SET client_encoding TO %s", (info.encoding,))
+        if conn.get_transaction_status() != _STATUS_IDLE:
+            conn.commit()
+    conn.cursor_factory = info.cursor_factory
     if conn.get_transaction_status() != _STATUS_IDLE:
         conn.rollback()  # setting the characteristics outside autocommit may not leave it idle

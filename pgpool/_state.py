@@ -67,6 +67,7 @@ class PoolState:
         self.leaks: deque[ConnInfo] = deque()  # lent connections garbage collected, not yet reported
         self.opening = 0  # slots reserved for connects in flight, refills included
         self.refilling = 0  # of `opening`, those of background refills (never a borrower's)
+        self.returning = 0  # of `conns`, those being cleaned up or checked (state RETURNING): back soon
         self.closing: set[Connection] = set()  # dropped, being closed; each still holds its slot
         self.waiters: deque[Waiter] = deque()  # threads queued in getconn, oldest on the left
         self.closed = False
@@ -83,6 +84,8 @@ class PoolState:
         while self.collected:
             info = self.conns.pop(self.collected.pop(), None)
             if info is not None:
+                if info.state is RETURNING:
+                    self.returning -= 1
                 self.counters["leaked"] += 1
                 self.counters["connections_closed"] += 1
                 self.leaks.append(info)
@@ -102,6 +105,8 @@ class PoolState:
     def _serve(self, conn: Connection, info: ConnInfo, now: float) -> None:
         """Hand `conn` to the oldest waiter (still first in line when this returns: pop it after)."""
         waiter = self.waiters[0]
+        if info.state is RETURNING:
+            self.returning -= 1  # every change of state away from RETURNING counts it down
         info.state = LENT
         info.lease += 1
         info.borrowed_at = now
@@ -120,6 +125,8 @@ class PoolState:
             self.idle.remove(conn)
             self.return_times.pop(conn, None)
         self.conns.pop(weakref.ref(conn), None)
+        if info.state is RETURNING:
+            self.returning -= 1
         info.state = CLOSING
         self.closing.add(conn)
         to_close.append((conn, reason))
@@ -177,7 +184,7 @@ class PoolState:
                 return None
             # Slots held by refills, closes or other borrowers' connects come back soon: wait for
             # them even without a timeout, rather than report exhaustion with fewer than maxconn lent.
-            busy = len(self.conns) - len(idle) + self.opening - self.refilling
+            busy = len(self.conns) - len(idle) - self.returning + self.opening - self.refilling
             if not can_wait and busy >= self.maxconn:
                 return (
                     f"connection pool exhausted: pool {self.name!r} has all maxconn={self.maxconn} connections "
@@ -301,7 +308,7 @@ class PoolState:
                 claim.info = info
                 claim.conn = conn
             elif self.waiters:
-                info.state = RETURNING  # until served: a state in which nobody else touches it
+                info.state = LENT  # held by the claim until served (dropped if an interrupt lands first)
                 claim.info = info
                 claim.conn = conn
             else:
@@ -412,6 +419,7 @@ class PoolState:
                 self._settle(conn, info, None, now, to_close)  # an interrupt on its entry: still LENT
                 return None
             info.state = RETURNING  # still counted, and a second putconn is refused
+            self.returning += 1
             return info
 
     def _refusal(self, info: ConnInfo | None) -> str:
@@ -445,6 +453,8 @@ class PoolState:
             self._serve(conn, info, now)
             self.waiters.popleft()
         else:
+            if info.state is RETURNING:
+                self.returning -= 1
             info.state = IDLE
             self.return_times[conn] = now
             self.idle.append(conn)
@@ -500,6 +510,7 @@ class PoolState:
                     self.idle.remove(conn)
                     del self.return_times[conn]
                     info.state = RETURNING
+                    self.returning += 1
                     info.lease += 1
                     taken.append((conn, info))
         return taken
@@ -557,7 +568,7 @@ class PoolState:
         self.return_times.clear()
         self.conns.clear()
         self.collected.clear()
-        self.opening = self.refilling = 0
+        self.opening = self.refilling = self.returning = 0
         self.closing = set()
         self.waiters.clear()
         self.leaks.clear()

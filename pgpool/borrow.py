@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import itertools
 import threading
-from contextvars import ContextVar
+from collections import deque
+from contextvars import Context, ContextVar
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -41,7 +42,7 @@ Connection = psycopg2.extensions.connection
 C = TypeVar("C", bound=Connection)  # the pool's connection class (connection_factory)
 
 _savepoint_ids = itertools.count(1)
-_get_ident = threading.get_ident
+_current_thread = threading.current_thread  # Thread objects, unlike idents, are never reused
 
 
 class Borrow:
@@ -53,7 +54,7 @@ class Borrow:
     __slots__ = ("conn", "generation", "in_transaction", "thread")
 
     conn: Connection | None  # None once the borrow ended: never joined again, from any context
-    thread: int  # the thread allowed to join it
+    thread: threading.Thread  # the thread allowed to join it
     generation: int  # the fork generation it was made in
     in_transaction: bool  # a transaction() block of this borrow is open
 
@@ -68,7 +69,7 @@ def joinable(pool: ConnectionPool[Any]) -> Borrow | None:
     if (
         found is not None
         and found.conn is not None
-        and found.thread == _get_ident()
+        and found.thread is _current_thread()
         and found.generation == _fork.generation
     ):
         return found
@@ -103,7 +104,7 @@ class ConnectionBorrow(Generic[C]):
             # No Python call from here to the end of the block: the borrow exists whole or not at all.
             borrow = Borrow()
             borrow.conn = conn
-            borrow.thread = _get_ident()
+            borrow.thread = _current_thread()
             borrow.generation = _fork.generation
             borrow.in_transaction = False
             self._lease = lease
@@ -147,7 +148,17 @@ class ConnectionBorrow(Generic[C]):
 class TransactionBorrow(Generic[C]):
     """``with pool.transaction() as conn``: commit on success, roll back on any exception."""
 
-    __slots__ = ("_conn", "_entry", "_join", "_plain", "_pool", "_savepoint", "_timeout", "_was_autocommit")
+    __slots__ = (
+        "_conn",
+        "_entry",
+        "_generation",
+        "_join",
+        "_plain",
+        "_pool",
+        "_savepoint",
+        "_timeout",
+        "_was_autocommit",
+    )
 
     def __init__(self, pool: ConnectionPool[C], timeout: float | None = None, join: bool = True) -> None:
         self._pool = pool
@@ -158,6 +169,7 @@ class TransactionBorrow(Generic[C]):
         self._plain: ConnectionBorrow[C] | None = None
         self._entry: Borrow | None = None
         self._was_autocommit = False
+        self._generation = _fork.generation  # a child after fork never commits the parent's work
 
     def __enter__(self) -> C:
         pool = self._pool
@@ -199,6 +211,8 @@ class TransactionBorrow(Generic[C]):
         if conn is None:
             return  # ended already (pgpool's callers may call again after an interrupt)
         self._conn = None
+        if self._generation != _fork.generation:
+            return  # begun before a fork: the connection is the parent's, disowned here
         name = self._savepoint
         if name is not None:
             # Release the savepoint on success; roll back to it on failure (the error propagates).
@@ -252,4 +266,25 @@ class TransactionBorrow(Generic[C]):
                 plain.__exit__(exc_type, exc, tb)
             except BaseException:
                 plain.__exit__(exc_type, exc, tb)  # an interrupt on its entry: it is idempotent
+                raise
+
+
+# Borrows of decorated generators garbage collected unfinished, as (context, borrow): a finalizer may
+# run while the pool's lock is held by the same thread, so it only appends here (one C call), and
+# the next slow-path getconn or housekeeping round ends them (rolled back, returned).
+finalized: deque[tuple[Context, ConnectionBorrow[Any] | TransactionBorrow[Any]]] = deque()
+
+
+def end_finalized_borrows() -> None:
+    """End the borrows of garbage-collected decorated generators (see `finalized`)."""
+    while finalized:
+        try:
+            ctx, borrow = finalized.popleft()
+        except IndexError:
+            return  # taken by another thread meanwhile
+        try:
+            ctx.run(borrow.__exit__, GeneratorExit, GeneratorExit(), None)
+        except BaseException as exc:
+            ctx.run(borrow.__exit__, type(exc), exc, None)  # idempotent: finishes an interrupted exit
+            if not isinstance(exc, Exception):
                 raise

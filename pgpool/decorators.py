@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, Union
 import psycopg2.extensions
 import wrapt
 
-from .borrow import ConnectionBorrow, TransactionBorrow
+from .borrow import ConnectionBorrow, TransactionBorrow, finalized
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -224,6 +224,7 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
         self._own: Any = None  # the borrow in the private context, rebound to the running thread
         self._inner: Generator[Any, Any, Any] | None = None
         self._done = False
+        self._stepping = threading.Lock()  # held while a step runs: a second thread is refused
 
     def _start(self) -> None:
         """Borrow and create the user's generator (at the first step, as a generator would)."""
@@ -245,16 +246,20 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
     def _step(self, method: str, *args: Any) -> Any:
         if self._done:
             raise StopIteration
+        if not self._stepping.acquire(blocking=False):  # one C call: no two threads get past it
+            raise ValueError("generator already executing")  # as a generator says; nothing touched
         try:
             if self._borrow is None:
                 self._start()
             assert self._ctx is not None and self._inner is not None
             if self._own is not None:
-                self._own.thread = threading.get_ident()  # the borrow follows the thread running it
+                self._own.thread = threading.current_thread()  # the borrow follows the thread running it
             return self._ctx.run(getattr(self._inner, method), *args)
         except BaseException as exc:
             self._finish(exc)
             raise
+        finally:
+            self._stepping.release()
 
     def _finish(self, exc: BaseException | None) -> None:
         """End the borrow: success when the generator returned (StopIteration), else a rollback."""
@@ -301,5 +306,8 @@ class _HoldingBorrowingGenerator(BorrowingGenerator):
     """A `BorrowingGenerator` while it holds its borrow: one dropped unfinished gives it back."""
 
     def __del__(self) -> None:
-        if not self._done and self._borrow is not None:
-            self.close()
+        # The collector may run this while the pool's lock is held by this very thread: only queue
+        # the borrow (one C call); the next getconn or housekeeping round ends it (rolled back).
+        if not self._done and self._borrow is not None and self._ctx is not None:
+            self._done = True
+            finalized.append((self._ctx, self._borrow))

@@ -70,19 +70,23 @@ class Housekeeper:
 def _run(pool_ref: weakref.ref[ConnectionPool[Any]], stop: threading.Event, wake: threading.Event) -> None:
     delay = 0.0
     while True:
-        wake.wait(delay)
-        wake.clear()
-        if stop.is_set():
-            return
-        pool = pool_ref()
-        if pool is None:
-            return
         try:
-            next_delay = pool._housekeep()
-        except Exception:
-            logger.exception("pool %r: housekeeping failed", pool.name)
+            wake.wait(delay)
+            wake.clear()
+            if stop.is_set():
+                return
+            pool = pool_ref()
+            if pool is None:
+                return
+            try:
+                next_delay = pool._housekeep()
+            finally:
+                del pool  # do not keep the pool alive while sleeping
+        except BaseException:
+            # An error, or an exception raised into this thread (PyThreadState_SetAsyncExc): the
+            # housekeeper must outlive it, or minconn refills and leak reports would stop for good.
+            logger.exception("housekeeping failed; next round in 1 s")
             next_delay = 1.0
-        del pool  # do not keep the pool alive while sleeping
         if next_delay is None:
             return
         delay = next_delay

@@ -34,6 +34,7 @@ from . import _fork, _session, borrow
 from ._connect import Connector, backoff, retryable
 from ._records import LENT, RETURNING, Claim, ConnInfo
 from ._state import WAIT, PoolState
+from .borrow import end_finalized_borrows, finalized
 from .errors import PoolError, PoolTimeout
 from .health import socket_readable
 from .housekeeping import Housekeeper
@@ -59,7 +60,6 @@ _names = itertools.count(1)
 _WAIT_SLICE = 0.5  # a waiter re-checks for slots freed by garbage-collected leaks this often
 _TRANSIENT_WAIT = 30.0  # without a timeout, the longest wait for a slot held by a refill or a close
 _LIFETIME_JITTER = 0.05
-_PROBE_SKIP = 0.001  # seconds: a connection returned clean this recently is lent without a probe
 
 
 def _check_hook(name: str, hook: object) -> None:
@@ -176,8 +176,9 @@ class ConnectionPool(Generic[C]):
             )
         if not isinstance(minconn, int) or isinstance(minconn, bool) or minconn < 0:
             raise ValueError(f"minconn must be an integer >= 0, got {minconn!r} {where}")
-        if not _is_number(maxconn) or not maxconn >= 1:
-            raise ValueError(f"maxconn must be >= 1, got {maxconn!r} {where}")
+        whole = isinstance(maxconn, int) and not isinstance(maxconn, bool)
+        if not (whole or maxconn == float("inf")) or maxconn < 1:
+            raise ValueError(f"maxconn must be an integer >= 1 or float('inf'), got {maxconn!r} {where}")
         if maxconn < minconn:
             raise ValueError(f"maxconn must be >= minconn (got minconn={minconn}, maxconn={maxconn}) {where}")
         if not _is_number(idle_timeout) or idle_timeout < 0:
@@ -254,23 +255,19 @@ class ConnectionPool(Generic[C]):
         locked step that makes no Python call (nothing is taken until it returns, so an interrupt
         loses nothing). None when anything needs the slow path: hooks, waiters, a signalled socket."""
         state = self._state
-        if not state.idle or state.collected or state.leaks:
-            return None  # nothing idle, or leaks to count and report: the slow path does it
+        if not state.idle or state.collected or state.leaks or finalized:
+            return None  # nothing idle, or leaks to report or finalized borrows to end: the slow path
         if self.check is not None or self.leak_timeout is not None or self._events is not None:
             return None
         if not self._housekeeper.started:
             return None
-        now = time.monotonic()
         try:
             top = state.idle[-1]
             info = state.conns[weakref.ref(top)]
-            # The socket probe is skipped for a connection returned clean within the last
-            # millisecond (as HikariCP skips validation for a connection used very recently): a
-            # busy pool lends and returns the same connection in a tight loop.
-            signalled = now - state.return_times[top] >= _PROBE_SKIP and bool(info.probe.poll(0))
+            signalled = bool(info.probe.poll(0))
         except (IndexError, KeyError, RuntimeError):  # taken, or being probed, by another thread
             return None
-        if signalled or not state.lend_top(top, info, now):
+        if signalled or not state.lend_top(top, info, time.monotonic()):
             return None
         return top, info.lease  # type: ignore[return-value]  # opened by connection_factory
 
@@ -279,14 +276,20 @@ class ConnectionPool(Generic[C]):
         if held is not None:
             return held
         conn, _ = self._lend(wait)
-        self._keys[key] = conn
-        return conn
+        # Two threads may lend for the same key at once: the first to store wins (setdefault is one
+        # atomic step), the other gives its connection back and uses the winner's.
+        winner = self._keys.setdefault(key, conn)
+        if winner is not conn:
+            self._return(conn, None)
+        return winner
 
     def _lend(self, wait: float) -> tuple[C, int]:
         """Lend a connection and its lease number (which tells this borrow from the next)."""
         if not self._housekeeper.started:
             self._housekeeper.start()  # before anything is taken: an interrupt here loses nothing
         state = self._state
+        if finalized:
+            end_finalized_borrows()
         if state.leaks:
             self._report_collected_leaks()
         start = time.monotonic()
@@ -733,6 +736,8 @@ class ConnectionPool(Generic[C]):
         """One round of background maintenance; return seconds until the next one (None: stop)."""
         if self.closed:
             return None
+        if finalized:
+            end_finalized_borrows()
         now = time.monotonic()
         to_close: list[tuple[Connection, str]] = []
         try:
