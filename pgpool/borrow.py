@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import weakref
 from collections import deque
 from contextvars import Context, ContextVar
 from types import TracebackType
@@ -269,19 +270,25 @@ class TransactionBorrow(Generic[C]):
                 raise
 
 
-# Borrows of decorated generators garbage collected unfinished, as (context, borrow): a finalizer may
-# run while the pool's lock is held by the same thread, so it only appends here (one C call), and
-# the next slow-path getconn or housekeeping round ends them (rolled back, returned).
-finalized: deque[tuple[Context, ConnectionBorrow[Any] | TransactionBorrow[Any]]] = deque()
+# The borrows held by decorated generators, keyed by a weak reference to the generator. When one
+# is garbage collected unfinished, the weakref's callback is `finalized.append` (one C call: nothing
+# can interrupt it, and it takes no lock, since the collector may run while this very thread holds
+# the pool's lock); the next slow-path getconn or housekeeping round ends the borrow (rolled back).
+held_by_generators: dict[weakref.ref[Any], tuple[Context, ConnectionBorrow[Any] | TransactionBorrow[Any]]] = {}
+finalized: deque[weakref.ref[Any]] = deque()
 
 
 def end_finalized_borrows() -> None:
     """End the borrows of garbage-collected decorated generators (see `finalized`)."""
     while finalized:
         try:
-            ctx, borrow = finalized.popleft()
+            ref = finalized.popleft()
         except IndexError:
             return  # taken by another thread meanwhile
+        entry = held_by_generators.pop(ref, None)
+        if entry is None:
+            continue
+        ctx, borrow = entry
         try:
             ctx.run(borrow.__exit__, GeneratorExit, GeneratorExit(), None)
         except BaseException as exc:

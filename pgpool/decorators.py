@@ -22,13 +22,14 @@ from __future__ import annotations
 import contextvars
 import inspect
 import threading
+import weakref
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 import psycopg2.extensions
 import wrapt
 
-from .borrow import ConnectionBorrow, TransactionBorrow, finalized
+from .borrow import ConnectionBorrow, TransactionBorrow, finalized, held_by_generators
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -200,12 +201,13 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
 
     A class rather than a generator function: an interrupt that lands on the resumption of a Python
     generator can end its frame without running its ``finally`` clauses; here every step is a method
-    call whose cleanup runs again from `close` or, for a generator never finished, from `__del__`.
+    call whose cleanup runs again from `close` or, for a generator never finished, from a weakref
+    callback that is a single C call (see `pgpool.borrow.held_by_generators`).
     """
 
-    # Until __init__ has run (an interrupt may land on its entry), there is nothing to clean up.
     _borrow: ConnectionBorrow[Any] | TransactionBorrow[Any] | None = None
     _done = True
+    _ref: weakref.ref[Any] | None = None
 
     def __init__(
         self,
@@ -234,11 +236,11 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
         borrow = TransactionBorrow(pool, join=False) if self._transactional else ConnectionBorrow(pool, join=False)
         self._ctx = ctx
         conn = ctx.run(borrow.__enter__)
-        # Owned from here: _finish, close() or, for a generator dropped unfinished, __del__ gives it
-        # back. Only a generator holding a borrow has a __del__ (a C-level class switch, undone in
-        # _finish): a finished one is collected without running any code of pgpool's.
+        # Owned from here: _finish or close() gives it back; for a generator dropped unfinished, a
+        # weakref callback that is one C call queues it (see pgpool.borrow.held_by_generators).
         self._borrow = borrow
-        object.__setattr__(self, "__class__", _HoldingBorrowingGenerator)
+        self._ref = weakref.ref(self, finalized.append)
+        held_by_generators[self._ref] = (ctx, borrow)
         self._own = ctx.run(pool._borrow.get)
         wrapped, args, kwargs, argname = self._call
         self._inner = ctx.run(wrapped, *args, **{**kwargs, argname: conn})
@@ -267,7 +269,8 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
         self._done = True
         if borrow is None or ctx is None:
             return
-        object.__setattr__(self, "__class__", BorrowingGenerator)  # no __del__ from here: nothing to clean up
+        if self._ref is not None:
+            held_by_generators.pop(self._ref, None)  # ended here: no finalizer needed
         failed = exc is not None and not isinstance(exc, StopIteration)
         error = (type(exc), exc, exc.__traceback__) if failed and exc is not None else (None, None, None)
         try:
@@ -300,14 +303,3 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
             self._finish(exc)
             raise
         self._finish(GeneratorExit())
-
-
-class _HoldingBorrowingGenerator(BorrowingGenerator):
-    """A `BorrowingGenerator` while it holds its borrow: one dropped unfinished gives it back."""
-
-    def __del__(self) -> None:
-        # The collector may run this while the pool's lock is held by this very thread: only queue
-        # the borrow (one C call); the next getconn or housekeeping round ends it (rolled back).
-        if not self._done and self._borrow is not None and self._ctx is not None:
-            self._done = True
-            finalized.append((self._ctx, self._borrow))

@@ -173,6 +173,21 @@ def op_decorated_generator_closed_early(run: Run) -> None:
     gen.close()
 
 
+def op_decorated_generator_dropped_unfinished(run: Run) -> None:
+    run.rows_tag, run.rows_all = next(_tags), 0  # dropped unfinished: rolled back
+
+    @pgpool.with_transaction(run.pool)
+    def produce(tag: int, conn: psycopg2.extensions.connection):
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO sweep_items VALUES (%s, 1)", (tag,))
+            yield 1
+            yield 2
+
+    gen = produce(run.rows_tag)
+    next(gen)
+    del gen  # finalized: its borrow is ended by the next getconn
+
+
 def op_clear(run: Run) -> None:
     run.pool.clear()
 
@@ -194,6 +209,7 @@ OPERATIONS = {
     "decorated-call": (nothing, op_decorated_call),
     "decorated-generator": (nothing, op_decorated_generator),
     "decorated-generator-closed-early": (nothing, op_decorated_generator_closed_early),
+    "decorated-generator-dropped-unfinished": (nothing, op_decorated_generator_dropped_unfinished),
     "clear": (two_idle_one_lent, op_clear),
     "close-with-lent": (two_idle_one_lent, op_close),
 }
