@@ -54,6 +54,29 @@ class PgPoolWithBlock(PgPool):
     name = "pgpool with-block"
 
 
+class PgPoolInstrumented(PgPool):
+    """pgpool reporting to OpenTelemetry (pgpool.otel, an SDK meter provider; overhead scenario only):
+    next to the plain "pgpool" row, what instrumenting costs; a pool never instrumented pays one
+    attribute check per borrow."""
+
+    name = "pgpool + pgpool.otel"
+
+    def __init__(self, dsn: str, minconn: int, maxconn: int, **options: Any) -> None:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        import pgpool.otel
+
+        super().__init__(dsn, minconn, maxconn, **options)
+        self.provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+        self.instrumentation = pgpool.otel.instrument(self.pool, self.provider)
+
+    def close(self) -> None:
+        self.instrumentation.uninstrument()
+        self.provider.shutdown()
+        super().close()
+
+
 class PgPoolChecked(PgPool):
     name = "pgpool check=check_connection"
 

@@ -25,7 +25,7 @@ from tests.embedded_pg import EmbeddedPostgres
 from tests.tcp_proxy import TcpProxy
 
 from . import report, scenarios
-from .pools import ALL, PEERS, PgPool, PgPoolChecked, PgPoolWithBlock
+from .pools import ALL, PEERS, PgPool, PgPoolChecked, PgPoolInstrumented, PgPoolWithBlock
 
 
 @dataclass
@@ -109,7 +109,7 @@ def run_all(dsn: str, server: EmbeddedPostgres | None, s: Settings) -> dict[str,
 
 def overhead(dsn: str, s: Settings) -> dict[str, tuple[float, float, float]]:
     out = {}
-    kinds = [*ALL, PgPoolWithBlock]
+    kinds = [*ALL, PgPoolWithBlock, PgPoolInstrumented]
     for make in tqdm(kinds, desc="1/6 overhead (us per getconn+putconn)", leave=True):
         pool = make(dsn, 1, 4)
         pool.warm(1)
