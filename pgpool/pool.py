@@ -632,12 +632,13 @@ class ConnectionPool(Generic[C]):
                     state.adopt(claim, time.monotonic(), lend=False)
                     break
                 except BaseException as exc:
+                    configuring = claim.new_conn is not None  # connected: configure failed, no retry
                     try:
                         self._give_back_refill(claim)
                     except BaseException:
                         self._give_back_refill(claim)
                         raise
-                    if claim.new_conn is not None or not retryable(exc) or self.timeout <= 0:
+                    if configuring or not retryable(exc) or self.timeout <= 0:
                         raise
                     state.count("connect_errors")
                     attempt += 1

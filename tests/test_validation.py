@@ -227,3 +227,16 @@ def test_a_positional_none_conn_borrows_like_the_keyword_on_a_method(pool_cls, d
 def test_a_dsn_as_third_positional_argument_is_refused_with_a_hint(cls):
     with pytest.raises(ValueError, match="pass the dsn as dsn="):
         cls(1, 5, "dbname=test")
+
+
+def test_a_configure_error_at_construction_is_not_retried_even_with_a_timeout(dsn):
+    calls = []
+
+    def configure(conn) -> None:
+        calls.append(conn.info.backend_pid)
+        raise psycopg2.OperationalError("configure says no")  # the class a failed connect raises
+
+    started = time.monotonic()
+    with pytest.raises(psycopg2.OperationalError, match="configure says no"):
+        ThreadSafeConnectionPool(minconn=1, dsn=dsn, timeout=5, configure=configure)
+    assert len(calls) == 1 and time.monotonic() - started < 2
