@@ -96,15 +96,14 @@ class PoolState:
     def _grant(self) -> None:
         """Give free slots to the oldest waiters, who then open their own connections."""
         while self.waiters and self._free_slots() > 0:
-            waiter = self.waiters[0]
+            waiter = self.waiters.popleft()
             self.opening += 1
             waiter.may_connect = True
-            waiter.signal.release()
-            self.waiters.popleft()
+            waiter.signal.release()  # last: once released, the waiter owns the slot
 
     def _serve(self, conn: Connection, info: ConnInfo, now: float) -> None:
-        """Hand `conn` to the oldest waiter (still first in line when this returns: pop it after)."""
-        waiter = self.waiters[0]
+        """Hand `conn` to the oldest waiter, taking it out of the line (the wake-up comes last)."""
+        waiter = self.waiters.popleft()
         if info.state is RETURNING:
             self.returning -= 1  # every change of state away from RETURNING counts it down
         info.state = LENT
@@ -113,7 +112,7 @@ class PoolState:
         self.counters["checkouts"] += 1
         waiter.info = info
         waiter.conn = conn
-        waiter.signal.release()
+        waiter.signal.release()  # last: an asynchronous exception after it loses nothing
 
     def _drop(self, conn: Connection, info: ConnInfo, reason: str, to_close: list[tuple[Connection, str]]) -> None:
         """Move a connection (idle or not) from `conns` to `closing`, for the caller to close.
@@ -168,14 +167,14 @@ class PoolState:
                 elif idle_timeout and now - returned > idle_timeout and len(self.conns) + self.opening > self.minconn:
                     reason = "idle_timeout reached"
                 else:
-                    idle.pop()
                     del self.return_times[conn]
                     info.state = LENT
                     info.lease += 1
                     info.borrowed_at = now
                     self.counters["checkouts"] += 1
                     claim.info = info
-                    claim.conn = conn
+                    claim.conn = conn  # the claim owns it from here
+                    idle.pop()
                     return None
                 self._drop(conn, info, reason, claim.to_close)
             if not self.waiters and self._free_slots() > 0:
@@ -211,12 +210,14 @@ class PoolState:
                 or (self.idle_timeout and now - self.return_times[top] > self.idle_timeout)
             ):
                 return False
-            idle.pop()
+            # The idle list's reference goes last: after it, only the caller holds the connection
+            # (and, should an exception cut in before it returns, the collector frees its slot).
             del self.return_times[top]
             info.state = LENT
             info.lease += 1
             info.borrowed_at = now
             self.counters["checkouts"] += 1
+            idle.pop()
             return True
 
     def return_clean(self, conn: Connection, now: float, lease: int | None) -> bool:
@@ -254,6 +255,8 @@ class PoolState:
             self._grant()
             if waiter.conn is not None or waiter.may_connect or waiter.error is not None:
                 return True
+            if waiter not in self.waiters:
+                self.waiters.appendleft(waiter)  # taken out of line by a serve an exception cut short
             if give_up:
                 self.waiters.remove(waiter)
                 self.counters["timeouts"] += 1
@@ -320,7 +323,6 @@ class PoolState:
             claim.new_conn = claim.new_info = None
             if not lend and claim.conn is not None:
                 self._serve(claim.conn, info, now)
-                self.waiters.popleft()
                 claim.conn = claim.info = None
             return True
 
@@ -451,7 +453,6 @@ class PoolState:
             self._drop(conn, info, reason, to_close)
         elif self.waiters:
             self._serve(conn, info, now)
-            self.waiters.popleft()
         else:
             if info.state is RETURNING:
                 self.returning -= 1
@@ -481,10 +482,9 @@ class PoolState:
                 conn = self.idle[0]
                 self._drop(conn, self.conns[weakref.ref(conn)], "pool closed", to_close)
             while self.waiters:
-                waiter = self.waiters[0]
+                waiter = self.waiters.popleft()
                 waiter.error = PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
                 waiter.signal.release()
-                self.waiters.popleft()
             return first
 
     def housekeeping_drops(self, now: float, max_lifetime: bool, to_close: list[tuple[Connection, str]]) -> None:

@@ -28,6 +28,7 @@ import itertools
 import threading
 import weakref
 from collections import deque
+from collections.abc import Generator
 from contextvars import Context, ContextVar
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -274,7 +275,9 @@ class TransactionBorrow(Generic[C]):
 # is garbage collected unfinished, the weakref's callback is `finalized.append` (one C call: nothing
 # can interrupt it, and it takes no lock, since the collector may run while this very thread holds
 # the pool's lock); the next slow-path getconn or housekeeping round ends the borrow (rolled back).
-held_by_generators: dict[weakref.ref[Any], tuple[Context, ConnectionBorrow[Any] | TransactionBorrow[Any]]] = {}
+held_by_generators: dict[
+    weakref.ref[Any], tuple[Context, ConnectionBorrow[Any] | TransactionBorrow[Any], Generator[Any, Any, Any] | None]
+] = {}
 finalized: deque[weakref.ref[Any]] = deque()
 
 
@@ -285,13 +288,26 @@ def end_finalized_borrows() -> None:
             ref = finalized.popleft()
         except IndexError:
             return  # taken by another thread meanwhile
-        entry = held_by_generators.pop(ref, None)
+        entry = held_by_generators.get(ref)
         if entry is None:
             continue
-        ctx, borrow = entry
+        ctx, borrow, inner = entry
         try:
+            # The user's generator first: its finally clauses still use the connection, which must
+            # not go back to the pool (and to another borrower) before they have run.
+            if inner is not None:
+                try:
+                    ctx.run(inner.close)
+                except Exception:
+                    pass  # its own error; the borrow is rolled back below all the same
             ctx.run(borrow.__exit__, GeneratorExit, GeneratorExit(), None)
+            held_by_generators.pop(ref, None)
         except BaseException as exc:
-            ctx.run(borrow.__exit__, type(exc), exc, None)  # idempotent: finishes an interrupted exit
+            try:
+                ctx.run(borrow.__exit__, type(exc), exc, None)  # idempotent: finishes an interrupted exit
+                held_by_generators.pop(ref, None)
+            except BaseException:
+                finalized.appendleft(ref)  # still held: the next caller ends it
+                raise
             if not isinstance(exc, Exception):
                 raise

@@ -240,10 +240,11 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
         # weakref callback that is one C call queues it (see pgpool.borrow.held_by_generators).
         self._borrow = borrow
         self._ref = weakref.ref(self, finalized.append)
-        held_by_generators[self._ref] = (ctx, borrow)
+        held_by_generators[self._ref] = (ctx, borrow, None)
         self._own = ctx.run(pool._borrow.get)
         wrapped, args, kwargs, argname = self._call
         self._inner = ctx.run(wrapped, *args, **{**kwargs, argname: conn})
+        held_by_generators[self._ref] = (ctx, borrow, self._inner)  # closed first if it is dropped
 
     def _step(self, method: str, *args: Any) -> Any:
         if self._done:

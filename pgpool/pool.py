@@ -401,6 +401,8 @@ class ConnectionPool(Generic[C]):
             if remaining > 0:
                 if waiter.signal.acquire(True, min(remaining, _WAIT_SLICE)):
                     break  # served: whoever served us did it under the lock before the release
+                if finalized:
+                    end_finalized_borrows()  # a dropped generator's connection may be what we wait for
                 now = time.monotonic()
                 remaining = deadline - now
             if state.recheck_waiter(waiter, remaining <= 0, now):
@@ -460,7 +462,11 @@ class ConnectionPool(Generic[C]):
         """
         if not isinstance(close, bool):
             raise TypeError(f"close must be True or False, got {close!r} (pool {self.name!r})")
+        lease = None  # the borrow being returned, to finish it (and only it) after an interrupt
         try:
+            if isinstance(conn, Connection):
+                known = self._state.conns.get(weakref.ref(conn))  # one dict look-up: atomic
+                lease = known.lease if known is not None else None
             if key is not None or self._keys:
                 conn = self._unkey(conn, key)
             if not isinstance(conn, Connection):
@@ -480,10 +486,10 @@ class ConnectionPool(Generic[C]):
         except PoolError:
             raise
         except BaseException:
-            if isinstance(conn, Connection):
-                info = self._state.info_of(conn)
-                if info is not None and info.state is LENT:
-                    self._return(conn, None, close)  # interrupted on its entry: nothing had happened yet
+            if isinstance(conn, Connection) and lease is not None:
+                # Finish this borrow's return if the interrupt stopped it; a connection lent again
+                # meanwhile (another lease) is someone else's and is left alone.
+                self._return(conn, lease, close)
             raise
 
     def _unkey(self, conn: C | None, key: Any) -> C | None:
