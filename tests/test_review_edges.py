@@ -236,3 +236,111 @@ def test_putconn_of_a_connection_under_a_foreign_key_is_refused(dsn):
     with ThreadSafeConnectionPool(minconn=0, maxconn=1, dsn=dsn) as pool:
         with pytest.raises(PoolError, match="no connection is lent under key"):
             pool.putconn(key="never")
+
+
+def test_a_dropped_generators_finally_runs_before_its_connection_goes_back(dsn):
+    with ThreadSafeConnectionPool(minconn=0, maxconn=2, dsn=dsn, timeout=5) as pool:
+        seen: dict[str, object] = {}
+
+        @pgpool.with_connection(pool)
+        def rows(conn=None):
+            try:
+                yield 1
+                yield 2
+            finally:
+                # Still this generator's connection: nobody else may be lent it meanwhile.
+                other = pool.getconn()
+                seen["shared"] = other is conn
+                with conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+                pool.putconn(other)
+
+        gen = rows()
+        next(gen)
+        cycle = [gen]
+        cycle.append(cycle)
+        del gen, cycle
+        gc.collect()
+        pool.putconn(pool.getconn())  # ends the finalized borrow: the finally runs first
+        assert seen == {"shared": False}
+        assert pool.stats()["in_use"] == 0
+
+
+@pytest.mark.timing
+def test_a_waiter_is_served_when_the_generator_holding_the_only_connection_is_dropped(dsn):
+    with ThreadSafeConnectionPool(minconn=0, maxconn=1, dsn=dsn, timeout=5) as pool:
+
+        @pgpool.with_connection(pool)
+        def rows(conn=None):
+            yield 1
+            yield 2
+
+        gen = rows()
+        next(gen)
+        waited: list[float] = []
+
+        def wait_for_it() -> None:
+            started = time.monotonic()
+            pool.putconn(pool.getconn())
+            waited.append(time.monotonic() - started)
+
+        waiter = threading.Thread(target=wait_for_it)
+        waiter.start()
+        assert wait_until(lambda: pool.stats()["waiting"] == 1)
+        del gen  # collected at once: its borrow is queued, and the waiter ends it
+        join_all([waiter])
+        assert waited and waited[0] < 3, waited
+
+
+def test_an_interrupt_after_putconn_served_a_waiter_never_returns_the_waiters_connection(dsn):
+    """The interrupt lands on a line event right after the return was settled (a C-call boundary)."""
+    import inspect
+    import sys
+
+    from pgpool.pool import ConnectionPool
+
+    source, first = inspect.getsourcelines(ConnectionPool._return)
+    target = first + next(i for i, line in enumerate(source) if line.strip() == "if to_close:")
+    fired: list[bool] = []
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code is ConnectionPool._return.__code__:
+            return local
+        return None
+
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno == target and not fired:
+            fired.append(True)
+            raise KeyboardInterrupt
+        return local
+
+    with ThreadSafeConnectionPool(minconn=0, maxconn=2, dsn=dsn, timeout=3) as pool:
+        a, b = pool.getconn(), pool.getconn()
+        got: list[object] = []
+        release = threading.Event()
+
+        def waiter() -> None:
+            conn = pool.getconn()
+            got.append(conn)
+            release.wait(5)
+            pool.putconn(conn)
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        assert wait_until(lambda: pool.stats()["waiting"] == 1)
+        with a.cursor() as cur:
+            cur.execute("SELECT 1")  # dirty: the slow return path, which serves the waiter
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                pool.putconn(a)
+        finally:
+            sys.settrace(None)
+        assert fired and wait_until(lambda: bool(got))
+        assert got[0] is a
+        with pytest.raises(pgpool.PoolTimeout):
+            pool.getconn(timeout=0.3)  # the waiter's connection is not lent a second time
+        release.set()
+        join_all([thread])
+        pool.putconn(b)
+        assert pool.stats()["in_use"] == 0
