@@ -142,10 +142,6 @@ class ConnectionBorrow(Generic[C]):
             pool._return(conn, self._lease)  # an interrupt on its entry: it is idempotent
             raise
 
-    def current(self) -> Borrow | None:
-        """The borrow this block uses: its own, or the one it joined."""
-        return self._borrow if self._borrow is not None else self._joined
-
 
 class TransactionBorrow(Generic[C]):
     """``with pool.transaction() as conn``: commit on success, roll back on any exception."""
