@@ -4,21 +4,32 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 
 import psycopg2.extensions
 
+from ._libpq import PQclientEncoding, client_encoding
 from .errors import PoolError
 from .health import socket_probe
 
 Connection = psycopg2.extensions.connection
 
 _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+_STATUS_READY = psycopg2.extensions.STATUS_READY
 
 # What a connection of the pool is doing (ConnInfo.state).
 IDLE = "idle"  # in idle_connections
 LENT = "lent"  # lent by getconn
 RETURNING = "returning"  # given back to putconn, being cleaned up outside the lock
 CLOSING = "closing"  # dropped: being closed outside the lock, its slot still counted
+
+
+class ConnRef(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference to a pooled connection that remembers the connection's key (its ``id``), so
+    that the pool can forget its entry once the connection has been garbage collected."""
+
+    __slots__ = ("key",)
+    key: int
 
 
 class ConnInfo:
@@ -30,14 +41,20 @@ class ConnInfo:
         "cursor_factory",
         "deferrable",
         "encoding",
+        "encoding_id",
         "expires",
         "isolation_level",
         "lease",
+        "lends",
         "probe",
+        "probed_at",
         "readonly",
+        "ref",
+        "returned_at",
         "stack",
         "state",
         "sticky",
+        "used",
     )
 
     def __init__(self, conn: Connection, expires: float | None) -> None:
@@ -51,6 +68,7 @@ class ConnInfo:
         self.readonly = conn.readonly
         self.deferrable = conn.deferrable
         self.encoding = conn.encoding
+        self.encoding_id = client_encoding(conn)  # libpq's, as the server last said (see _libpq)
         self.cursor_factory = conn.cursor_factory
         # In autocommit, psycopg2 keeps read-only, deferrable and the isolation level as server
         # settings, which a borrower switching autocommit off and on again resets unseen: such a
@@ -59,23 +77,30 @@ class ConnInfo:
             self.readonly is not None or self.deferrable is not None or self.isolation_level is not None
         )
         self.borrowed_at = 0.0  # monotonic time of the current lend (use time, leak detection)
+        self.returned_at = 0.0  # monotonic time it last became idle (idle_timeout)
+        self.probed_at = time.monotonic()  # when its socket was last found quiet (connected: now)
+        self.lends = 0  # how many times it was lent (the pool's "checkouts" sum these)
+        self.used = 0.0  # seconds spent lent, over all its lends
+        self.ref: ConnRef | None = None  # set when the pool counts it (PoolState.adopt)
         self.stack: list[str] | None = None  # where it was borrowed, when leak_timeout is set
 
     def needs_cleanup(self, conn: Connection) -> bool:
         """Tell whether a returned connection has anything for the next borrower to inherit."""
-        return (
+        return bool(
             self.sticky
-            or conn.get_transaction_status() != _STATUS_IDLE
+            or conn.status != _STATUS_READY  # a transaction open (psycopg2's own state: no call)
             or conn.autocommit != self.autocommit
             or conn.isolation_level != self.isolation_level
             or conn.readonly != self.readonly
             or conn.deferrable != self.deferrable
-            or conn.encoding != self.encoding
-            # A borrower's SQL "SET client_encoding" changes the server's encoding, not psycopg2's.
-            or conn.info.parameter_status("client_encoding") != self.encoding
             or conn.cursor_factory is not self.cursor_factory
-            or bool(conn.notices)
-            or bool(conn.notifies)
+            or conn.notices  # a list, or a deque a configure hook put there
+            or conn.notifies
+            or conn.get_transaction_status() != _STATUS_IDLE
+            # The encoding, changed by set_client_encoding or in SQL ("SET client_encoding", which
+            # psycopg2 does not see): libpq follows both.
+            or (PQclientEncoding(conn.pgconn_ptr) if PQclientEncoding is not None else client_encoding(conn))
+            != self.encoding_id
         )
 
 

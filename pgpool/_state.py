@@ -1,34 +1,50 @@
-"""The pool's state machine: what is idle, lent, being opened or closed, and who waits.
+"""The pool's state machine: what is idle, lent, being opened or closed, and who waits. No I/O.
 
-No I/O, no logging, no hooks here. Each method takes `self.lock`, decides, records what the caller now
-owns in a `Claim` (or returns it), and releases the lock; the caller then does the slow work
-(connect, close, queries) and reports back. State is only mutated under `self.lock`; the one
-exception is `collected`, which a weakref callback appends to (one C call: nothing can split it).
+Two kinds of steps change it:
 
-Interrupt safety: a KeyboardInterrupt (or any asynchronous exception) can land at the entry of any
-Python function. So a method here makes no Python call after its first mutation except to a helper
-whose own entry leaves the state consistent (`_grant`, `_serve`), and whatever it hands over is
-recorded in the caller's `Claim` by C-level stores in the same breath as the mutation.
+- **Fast steps** (`lend_fast`, `return_fast`) take no lock. They move a connection between the idle
+  list and the lent table with single operations that are atomic in CPython, with or without the GIL
+  (``deque.pop``/``deque.append``, ``dict.pop``/``dict[key] = value``: each holds the object's own
+  lock on free-threaded builds), and write only the `ConnInfo` of the connection they now own.
+- **Slow steps** (everything else) run under `lock`: opening, waiting, handing over, discarding.
+  A slow step that takes an idle connection removes *that* entry (``deque.remove``) and, should a
+  fast lender have taken it meanwhile (ValueError), leaves it to them.
+
+Whoever removed a connection from the idle list or the lent table owns it until it puts it in the
+other. The one hand-over rule between the two kinds: a fast returner appends to the idle list *then*
+looks at the waiters; a waiter joins the line *then* looks at the idle list. One of them always sees
+the other (each operation is sequentially consistent), and the one who does hands the connection over
+under the lock (`_drain`), so that no waiter sleeps while a connection is idle.
+
+Interrupt safety: an asynchronous exception (KeyboardInterrupt) can land at the entry of any Python
+function. A method here makes no Python call after its first mutation, except to a helper whose
+entry leaves the state consistent (`_grant`, `_serve`, `_drop`), and records what it hands over in
+the caller's `Claim` in the same breath as the mutation.
 """
 
 from __future__ import annotations
 
 import threading
-import weakref
 from collections import deque
 from typing import Any
 
 import psycopg2.extensions
 
-from ._records import CLOSING, IDLE, LENT, RETURNING, Claim, ConnInfo, Waiter
+from ._records import CLOSING, IDLE, LENT, RETURNING, Claim, ConnInfo, ConnRef, Waiter
 from .errors import PoolClosed, PoolError
 
 Connection = psycopg2.extensions.connection
+Item = tuple[Connection, ConnInfo]  # an entry of the idle list
+ToClose = list[tuple[Connection, str]]
 
-_STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+_STATUS_READY = psycopg2.extensions.STATUS_READY
+
+# A connection whose socket was found quiet this recently is lent without looking again: a poll() is
+# a system call that releases the GIL, which under contention costs far more than its microsecond.
+# A connection killed within this window is lent dead, as one killed just after a probe would be.
+PROBE_INTERVAL = 0.001
 
 COUNTERS = (
-    "checkouts",
     "requests_waited",
     "connections_opened",
     "connections_closed",
@@ -37,19 +53,19 @@ COUNTERS = (
     "broken_discarded",
     "leaked",
     "wait_ms_total",
-    "usage_ms_total",
     "connect_ms_total",
 )
 
-# What `acquire` tells its caller when the claim got nothing.
-WAIT = "wait"
+WAIT = "wait"  # what `acquire` tells its caller when the claim got nothing: it is in line
+DONE = "done"  # what `return_fast` says when nothing more is due
+TIDY = "tidy"  # ... when the connection is back but `tidy` must run (waiters, evictions, closed pool)
 
 
 class PoolState:
     """The bookkeeping of one pool. Every slot is counted exactly once, in one of:
 
-    - `conns`: open connections (idle, lent, being returned), weakly keyed so that a lent connection
-      that is garbage collected leaves by itself;
+    - `conns`: open connections (idle, lent, being returned), keyed by ``id``, each holding a weak
+      reference to its connection, so that a lent connection garbage collected leaves by itself;
     - `opening`: slots reserved for connections being opened (by a borrower or a refill);
     - `closing`: connections dropped and not yet closed: their slot is freed only once they are.
     """
@@ -60,10 +76,10 @@ class PoolState:
         self.maxconn = maxconn
         self.idle_timeout = idle_timeout
         self.lock = threading.Lock()
-        self.idle: deque[Connection] = deque()  # ready to lend, newest on the right
-        self.return_times: dict[Connection, float] = {}  # idle connection -> when it became idle
-        self.conns: dict[weakref.ref[Connection], ConnInfo] = {}
-        self.collected: deque[weakref.ref[Connection]] = deque()  # keys whose connection was collected
+        self.idle: deque[Item] = deque()  # ready to lend, newest on the right (the only strong refs)
+        self.lent: dict[int, ConnInfo] = {}  # id(conn) -> info of the connections lent
+        self.conns: dict[int, ConnInfo] = {}  # id(conn) -> info of every open connection
+        self.collected: deque[ConnRef] = deque()  # weakref callback: connections garbage collected
         self.leaks: deque[ConnInfo] = deque()  # lent connections garbage collected, not yet reported
         self.opening = 0  # slots reserved for connects in flight, refills included
         self.refilling = 0  # of `opening`, those of background refills (never a borrower's)
@@ -72,23 +88,98 @@ class PoolState:
         self.waiters: deque[Waiter] = deque()  # threads queued in getconn, oldest on the left
         self.closed = False
         self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
+        self.retired_lends = 0  # lends and use time of connections no longer counted in `conns`
+        self.retired_used = 0.0
+
+    def info_of(self, conn: Connection) -> ConnInfo | None:
+        """The info of `conn` if it is one of this pool's open connections (one atomic dict read)."""
+        info = self.conns.get(id(conn))
+        if info is None or info.ref is None or info.ref() is not conn:
+            return None  # not ours (or an id reused after one of ours was garbage collected)
+        return info
+
+    # -- the fast steps: no lock -----------------------------------------------------------------
+
+    def lend_fast(self, now: float) -> Item | None:
+        """Lend the newest idle connection if it needs nothing the slow path does (None: take it)."""
+        if self.collected or self.leaks:
+            return None  # leaks to account for and report: the slow path does it
+        idle = self.idle
+        try:
+            item = idle.pop()  # atomic: the connection is this thread's alone from here
+        except IndexError:
+            return None
+        conn, info = item
+        probe_due = now - info.probed_at >= PROBE_INTERVAL
+        if (
+            self.waiters  # threads in line came first: the slow path serves them in order
+            or conn.closed
+            or conn.status != _STATUS_READY
+            or (info.expires is not None and now >= info.expires)
+            or (self.idle_timeout and now - info.returned_at > self.idle_timeout)
+            or (probe_due and info.probe.poll(0))  # the server sent something: look closer
+        ):
+            idle.append(item)  # atomic; the slow path looks at it again, under the lock
+            return None
+        if probe_due:
+            info.probed_at = now
+        info.state = LENT
+        info.lease += 1
+        info.lends += 1
+        info.borrowed_at = now
+        self.lent[id(conn)] = info  # atomic: putconn can now take it back
+        return item
+
+    def return_fast(self, conn: Connection, info: ConnInfo, now: float) -> str | None:
+        """Take back a lent connection, `info` being what the lent table holds under its id, if it
+        needs no cleanup and is not due to close (None: nothing changed, take the slow path; TIDY:
+        back, and `tidy` must run; DONE: back, nothing due)."""
+        key = id(conn)
+        if (
+            info.ref is None
+            or info.ref() is not conn
+            or self.closed
+            or not self.idle_timeout
+            or (info.expires is not None and now >= info.expires)
+            or info.needs_cleanup(conn)
+        ):
+            return None
+        if self.lent.pop(key, None) is not info:  # atomic: of two putconn at once, one gets here
+            return None  # the other: the slow path refuses it
+        info.used += now - info.borrowed_at
+        info.state = IDLE
+        info.returned_at = now
+        idle = self.idle
+        idle.append((conn, info))  # atomic; a lender may take it from here
+        if self.waiters or self.closed:  # read after the append: see the module's hand-over rule
+            return TIDY
+        try:
+            if now - idle[0][1].returned_at > self.idle_timeout:
+                return TIDY  # idle connections to evict
+        except IndexError:
+            pass
+        return DONE
 
     # -- helpers called under the lock ---------------------------------------------------------
 
     def _purge(self) -> None:
-        """Drop the entries of connections garbage collected while lent: their slots are free.
-
-        The collector closed them (psycopg2 closes a connection it deallocates); `leaks` keeps their
-        info for one WARNING each.
-        """
+        """Forget connections garbage collected while lent (the collector closed them): their slots
+        are free. `leaks` keeps their info for one WARNING each."""
         while self.collected:
-            info = self.conns.pop(self.collected.pop(), None)
-            if info is not None:
-                if info.state is RETURNING:
-                    self.returning -= 1
-                self.counters["leaked"] += 1
-                self.counters["connections_closed"] += 1
-                self.leaks.append(info)
+            ref = self.collected.pop()
+            info = self.conns.get(ref.key)
+            if info is None or info.ref is not ref:
+                continue
+            del self.conns[ref.key]
+            if self.lent.get(ref.key) is info:
+                del self.lent[ref.key]
+            if info.state is RETURNING:
+                self.returning -= 1
+            self.retired_lends += info.lends
+            self.retired_used += info.used
+            self.counters["leaked"] += 1
+            self.counters["connections_closed"] += 1
+            self.leaks.append(info)
 
     def _free_slots(self) -> float:
         return self.maxconn - len(self.conns) - self.opening - len(self.closing)
@@ -101,82 +192,121 @@ class PoolState:
             waiter.may_connect = True
             waiter.signal.release()  # last: once released, the waiter owns the slot
 
-    def _serve(self, conn: Connection, info: ConnInfo, now: float) -> None:
-        """Hand `conn` to the oldest waiter, taking it out of the line (the wake-up comes last)."""
+    def _serve(self, conn: Connection, info: ConnInfo, now: float, item: Item | None = None) -> None:
+        """Hand `conn` to the oldest waiter, taking it out of the line (the wake-up comes last).
+
+        With `item`, the connection is taken from the idle list first, unless a fast lender took it.
+        """
+        if item is not None:
+            try:
+                self.idle.remove(item)
+            except ValueError:
+                return
         waiter = self.waiters.popleft()
         if info.state is RETURNING:
             self.returning -= 1  # every change of state away from RETURNING counts it down
         info.state = LENT
         info.lease += 1
+        info.lends += 1
         info.borrowed_at = now
-        self.counters["checkouts"] += 1
+        self.lent[id(conn)] = info
         waiter.info = info
         waiter.conn = conn
         waiter.signal.release()  # last: an asynchronous exception after it loses nothing
 
-    def _drop(self, conn: Connection, info: ConnInfo, reason: str, to_close: list[tuple[Connection, str]]) -> None:
-        """Move a connection (idle or not) from `conns` to `closing`, for the caller to close.
+    def _drain(self, now: float) -> None:
+        """Hand idle connections to waiters (a fast return and a waiter crossed: see the module)."""
+        while self.waiters:
+            try:
+                item = self.idle[-1]
+            except IndexError:
+                return
+            self._serve(item[0], item[1], now, item)
 
-        It takes an idle connection out of the idle list itself: a caller that did so first would
-        lose the connection to an interrupt landing on this method's entry.
+    def _drop(self, conn: Connection, info: ConnInfo, reason: str, to_close: ToClose, item: Item | None = None) -> None:
+        """Move a connection from `conns` to `closing`, for the caller to close.
+
+        With `item`, an idle connection: taken from the idle list here, first (a caller that did so
+        itself would lose it to an interrupt landing on this method's entry), unless a fast lender
+        took it meanwhile, which then keeps it.
         """
-        if info.state is IDLE:
-            self.idle.remove(conn)
-            self.return_times.pop(conn, None)
-        self.conns.pop(weakref.ref(conn), None)
+        if item is not None:
+            try:
+                self.idle.remove(item)
+            except ValueError:
+                return
+        key = id(conn)
+        if self.conns.get(key) is info:
+            del self.conns[key]
+        if self.lent.get(key) is info:
+            del self.lent[key]
         if info.state is RETURNING:
             self.returning -= 1
         info.state = CLOSING
+        self.retired_lends += info.lends
+        self.retired_used += info.used
         self.closing.add(conn)
         to_close.append((conn, reason))
 
-    def _evict_idle(self, now: float, to_close: list[tuple[Connection, str]]) -> None:
+    def _evict_idle(self, now: float, to_close: ToClose) -> None:
         """Drop idle connections older than idle_timeout (oldest first), never below minconn."""
         idle = self.idle
         while idle and len(self.conns) + self.opening > self.minconn:
-            oldest = idle[0]
-            if now - self.return_times.get(oldest, now) <= self.idle_timeout:
-                break
-            self._drop(oldest, self.conns[weakref.ref(oldest)], "idle_timeout reached", to_close)
+            try:
+                item = idle[0]
+            except IndexError:
+                return
+            if now - item[1].returned_at <= self.idle_timeout:
+                return
+            self._drop(item[0], item[1], "idle_timeout reached", to_close, item)
 
     # -- lending -------------------------------------------------------------------------------
 
     def acquire(self, claim: Claim, now: float, can_wait: bool) -> str | None:
         """Fill `claim` with an idle connection or a slot to open one in; else queue or refuse.
 
-        Returns None when the claim got something (or `claim.waiter` was served at once), `WAIT` when
-        `claim.waiter` is queued, or the message of an exhausted pool. Unfit idle connections go to
+        Returns None when the claim got something, `WAIT` when `claim.waiter` is queued (and maybe
+        served at once), or the message of an exhausted pool. Unfit idle connections go to
         `claim.to_close`. Raises `PoolClosed` on a closed pool.
         """
         with self.lock:
             self._purge()
             if self.closed:
                 raise PoolClosed(f"pool {self.name!r} is closed")
+            self._drain(now)
             idle = self.idle
-            idle_timeout = self.idle_timeout
-            while idle:
-                conn = idle[-1]
-                returned = self.return_times.get(conn, 0.0)
-                info = self.conns[weakref.ref(conn)]
+            while idle and not self.waiters:
+                try:
+                    item = idle[-1]
+                except IndexError:
+                    break
+                conn, info = item
                 if conn.closed:
                     reason = "closed while idle"
-                elif conn.get_transaction_status() != _STATUS_IDLE:
+                elif conn.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
                     reason = "not idle on the server"
                 elif info.expires is not None and now >= info.expires:
                     reason = "max_lifetime reached"
-                elif idle_timeout and now - returned > idle_timeout and len(self.conns) + self.opening > self.minconn:
+                elif (
+                    self.idle_timeout
+                    and now - info.returned_at > self.idle_timeout
+                    and len(self.conns) + self.opening > self.minconn
+                ):
                     reason = "idle_timeout reached"
                 else:
-                    del self.return_times[conn]
+                    try:
+                        idle.remove(item)
+                    except ValueError:
+                        continue  # a fast lender took it
                     info.state = LENT
                     info.lease += 1
+                    info.lends += 1
                     info.borrowed_at = now
-                    self.counters["checkouts"] += 1
+                    self.lent[id(conn)] = info
                     claim.info = info
                     claim.conn = conn  # the claim owns it from here
-                    idle.pop()
                     return None
-                self._drop(conn, info, reason, claim.to_close)
+                self._drop(conn, info, reason, claim.to_close, item)
             if not self.waiters and self._free_slots() > 0:
                 self.opening += 1
                 claim.slot = True
@@ -187,63 +317,13 @@ class PoolState:
             if not can_wait and busy >= self.maxconn:
                 return (
                     f"connection pool exhausted: pool {self.name!r} has all maxconn={self.maxconn} connections "
-                    f"in use ({len(self.conns)} lent, {self.opening} opening)"
+                    f"in use ({len(self.lent)} lent, {self.opening} opening)"
                 )
             waiter = Waiter()
             self.waiters.append(waiter)
             claim.waiter = waiter
+            self._drain(now)  # read after the append: see the module's hand-over rule
             return WAIT
-
-    def lend_top(self, top: Connection, info: ConnInfo, now: float) -> bool:
-        """Fast path: lend `top`, the newest idle connection, which the caller probed without the
-        lock, if it is still on top, fit, and nobody waits (False: take the slow path)."""
-        with self.lock:
-            idle = self.idle
-            if (
-                self.waiters
-                or not idle
-                or idle[-1] is not top
-                or info.state is not IDLE
-                or top.closed
-                or top.get_transaction_status() != _STATUS_IDLE
-                or (info.expires is not None and now >= info.expires)
-                or (self.idle_timeout and now - self.return_times[top] > self.idle_timeout)
-            ):
-                return False
-            # The idle list's reference goes last: after it, only the caller holds the connection
-            # (and, should an exception cut in before it returns, the collector frees its slot).
-            del self.return_times[top]
-            info.state = LENT
-            info.lease += 1
-            info.borrowed_at = now
-            self.counters["checkouts"] += 1
-            idle.pop()
-            return True
-
-    def return_clean(self, conn: Connection, now: float, lease: int | None) -> bool:
-        """Fast path: take back a lent connection that needs no cleanup, when nobody waits and
-        nothing else is due (False, with nothing changed: take the slow path)."""
-        with self.lock:
-            info = self.conns.get(weakref.ref(conn))
-            if (
-                info is None
-                or info.state is not LENT
-                or (lease is not None and info.lease != lease)
-                or self.waiters
-                or self.closed
-                or not self.idle_timeout
-                or (info.expires is not None and now >= info.expires)
-                or info.needs_cleanup(conn)
-            ):
-                return False
-            idle = self.idle
-            if idle and now - self.return_times[idle[0]] > self.idle_timeout:
-                return False  # idle connections to evict: the slow path does it
-            self.counters["usage_ms_total"] += (now - info.borrowed_at) * 1000
-            info.state = IDLE
-            self.return_times[conn] = now
-            idle.append(conn)
-            return True
 
     def recheck_waiter(self, waiter: Waiter, give_up: bool, now: float) -> bool:
         """After a sleep without a wake-up: grant slots freed by collected leaks; maybe leave the line.
@@ -252,6 +332,7 @@ class PoolState:
         """
         with self.lock:
             self._purge()
+            self._drain(now)
             self._grant()
             if waiter.conn is not None or waiter.may_connect or waiter.error is not None:
                 return True
@@ -281,14 +362,36 @@ class PoolState:
             if waiter.error is not None:
                 raise waiter.error
 
+    def leave_line(self, claim: Claim) -> None:
+        """A waiter gives up (interrupted, failed): out of the line; what it was served goes to the claim."""
+        waiter = claim.waiter
+        if waiter is None:
+            return
+        with self.lock:
+            if waiter.conn is not None:
+                claim.info = waiter.info
+                claim.conn = waiter.conn
+            elif waiter.may_connect:
+                claim.slot = True
+            elif waiter.error is None and waiter in self.waiters:
+                self.waiters.remove(waiter)
+            waiter.conn = None
+            waiter.may_connect = False
+            claim.waiter = None
+
+    # -- opening and closing -------------------------------------------------------------------
+
     def adopt(self, claim: Claim, now: float, lend: bool) -> bool:
         """Count the connection opened in the claim's slot: lent to the claimer, or (a refill) given.
 
         Returns False when the pool was closed meanwhile: the connection is then in `claim.to_close`.
         """
+        conn, info = claim.new_conn, claim.new_info
+        assert conn is not None and info is not None
+        ref = ConnRef(conn, self.collected.append)  # its callback is one C call: see _purge
+        ref.key = id(conn)
         with self.lock:
-            conn, info = claim.new_conn, claim.new_info
-            assert conn is not None and info is not None
+            self._purge()  # first: a collected connection's id may be this one's now
             self.opening -= 1
             if claim.refill:
                 self.refilling -= 1
@@ -302,27 +405,26 @@ class PoolState:
                 claim.slot = False
                 claim.new_conn = claim.new_info = None
                 return False
-            self.conns[weakref.ref(conn, self.collected.append)] = info
-            if lend:
-                info.state = LENT
-                info.lease += 1
-                info.borrowed_at = now
-                self.counters["checkouts"] += 1
-                claim.info = info
-                claim.conn = conn
-            elif self.waiters:
-                info.state = LENT  # held by the claim until served (dropped if an interrupt lands first)
+            info.ref = ref
+            self.conns[ref.key] = info
+            info.probed_at = now
+            if lend or self.waiters:
+                info.state = LENT  # a refill with waiters: held by the claim until served below
+                if lend:
+                    info.lease += 1
+                    info.lends += 1
+                    info.borrowed_at = now
+                    self.lent[ref.key] = info
                 claim.info = info
                 claim.conn = conn
             else:
                 info.state = IDLE
-                self.return_times[conn] = now
-                idle = self.idle
-                idle.appendleft(conn)  # a refill: the least recently used end
+                info.returned_at = now
+                self.idle.appendleft((conn, info))  # a refill: the least recently used end
             claim.slot = False
             claim.new_conn = claim.new_info = None
             if not lend and claim.conn is not None:
-                self._serve(claim.conn, info, now)
+                self._serve(conn, info, now)
                 claim.conn = claim.info = None
             return True
 
@@ -374,23 +476,6 @@ class PoolState:
                 claim.refill = False
                 claim.slot = False
 
-    def leave_line(self, claim: Claim) -> None:
-        """A waiter gives up (interrupted, failed): out of the line; what it was served goes to the claim."""
-        waiter = claim.waiter
-        if waiter is None:
-            return
-        with self.lock:
-            if waiter.conn is not None:
-                claim.info = waiter.info
-                claim.conn = waiter.conn
-            elif waiter.may_connect:
-                claim.slot = True
-            elif waiter.error is None and waiter in self.waiters:
-                self.waiters.remove(waiter)
-            waiter.conn = None
-            waiter.may_connect = False
-            claim.waiter = None
-
     def closed_one(self, conn: Connection, keep_slot_for: Claim | None = None) -> None:
         """A dropped connection is closed: free its slot (or hand it to `keep_slot_for`). Idempotent."""
         with self.lock:
@@ -407,16 +492,22 @@ class PoolState:
     # -- returning -----------------------------------------------------------------------------
 
     def begin_return(
-        self, conn: Connection, clean: bool, now: float, to_close: list[tuple[Connection, str]]
+        self, conn: Connection, clean: bool, now: float, to_close: ToClose, lease: int | None = None
     ) -> ConnInfo | None:
         """Take back a lent connection (state RETURNING) and return its info for the caller to clean up;
         or, when `clean` and it needs no cleanup, settle it at once and return None. Refuses with
-        PoolError a connection that is not lent, changing nothing."""
+        PoolError a connection that is not lent, changing nothing. With the `lease` of the borrow, also
+        finishes a return that an interrupt cut short after it took the connection off the lent table."""
         with self.lock:
-            info = self.conns.get(weakref.ref(conn))
-            if info is None or info.state is not LENT:
+            key = id(conn)
+            info = self.lent.get(key)
+            if info is None or info.ref is None or info.ref() is not conn:
+                info = self.info_of(conn)
+                if info is None or info.state is not LENT or lease is None or info.lease != lease:
+                    raise PoolError(self._refusal(info))
+            elif self.lent.pop(key, None) is not info:
                 raise PoolError(self._refusal(info))
-            self.counters["usage_ms_total"] += (now - info.borrowed_at) * 1000
+            info.used += now - info.borrowed_at
             if clean and not info.needs_cleanup(conn):
                 self._settle(conn, info, None, now, to_close)  # an interrupt on its entry: still LENT
                 return None
@@ -430,16 +521,14 @@ class PoolState:
         return f"connection already returned to pool {self.name!r}: putconn called twice"
 
     def finish_return(
-        self, conn: Connection, info: ConnInfo, reason: str | None, now: float, to_close: list[tuple[Connection, str]]
+        self, conn: Connection, info: ConnInfo, reason: str | None, now: float, to_close: ToClose
     ) -> None:
         """Keep or drop a connection in RETURNING state (dropped ones go to `to_close`). Idempotent."""
         with self.lock:
             if info.state is RETURNING:
                 self._settle(conn, info, reason, now, to_close)
 
-    def _settle(
-        self, conn: Connection, info: ConnInfo, reason: str | None, now: float, to_close: list[tuple[Connection, str]]
-    ) -> None:
+    def _settle(self, conn: Connection, info: ConnInfo, reason: str | None, now: float, to_close: ToClose) -> None:
         if reason is None:
             if self.closed:
                 reason = "pool closed"
@@ -457,62 +546,80 @@ class PoolState:
             if info.state is RETURNING:
                 self.returning -= 1
             info.state = IDLE
-            self.return_times[conn] = now
-            self.idle.append(conn)
+            info.returned_at = now
+            self.idle.append((conn, info))
         if self.idle_timeout and self.idle:
             self._evict_idle(now, to_close)
 
+    def tidy(self, now: float, to_close: ToClose) -> None:
+        """After a fast return: serve waiters, evict old idle connections, empty a closed pool."""
+        with self.lock:
+            self._purge()
+            if self.closed:
+                self._drop_all_idle("pool closed", to_close)
+                return
+            self._drain(now)
+            if self.idle_timeout:
+                self._evict_idle(now, to_close)
+
     # -- whole pool ----------------------------------------------------------------------------
 
-    def take_idle(self, to_close: list[tuple[Connection, str]], reason: str) -> None:
+    def _drop_all_idle(self, reason: str, to_close: ToClose) -> None:
+        while self.idle:
+            try:
+                item = self.idle[0]
+            except IndexError:
+                return
+            self._drop(item[0], item[1], reason, to_close, item)
+
+    def take_idle(self, to_close: ToClose, reason: str) -> None:
         """Drop every idle connection (clear)."""
         with self.lock:
-            while self.idle:
-                conn = self.idle[0]
-                self._drop(conn, self.conns[weakref.ref(conn)], reason, to_close)
+            self._drop_all_idle(reason, to_close)
 
-    def close(self, to_close: list[tuple[Connection, str]]) -> bool:
+    def close(self, to_close: ToClose) -> bool:
         """Mark the pool closed, drop the idle connections, fail the waiters; False if it already was.
 
         Idempotent: called again after an interrupt, it drops what an earlier call left idle."""
         with self.lock:
             first = not self.closed
             self.closed = True
-            while self.idle:
-                conn = self.idle[0]
-                self._drop(conn, self.conns[weakref.ref(conn)], "pool closed", to_close)
+            self._drop_all_idle("pool closed", to_close)
             while self.waiters:
                 waiter = self.waiters.popleft()
                 waiter.error = PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
                 waiter.signal.release()
             return first
 
-    def housekeeping_drops(self, now: float, max_lifetime: bool, to_close: list[tuple[Connection, str]]) -> None:
-        """Evict idle connections past idle_timeout or max_lifetime; grant slots freed by leaks."""
+    def housekeeping_drops(self, now: float, max_lifetime: bool, to_close: ToClose) -> None:
+        """Evict idle connections past idle_timeout or max_lifetime; serve and grant waiters."""
         with self.lock:
             self._purge()
+            self._drain(now)
             if self.idle_timeout:
                 self._evict_idle(now, to_close)
             if max_lifetime:
-                for conn in list(self.idle):
-                    info = self.conns[weakref.ref(conn)]
-                    if info.expires is not None and now >= info.expires:
-                        self._drop(conn, info, "max_lifetime reached", to_close)
+                for item in list(self.idle):
+                    expires = item[1].expires
+                    if expires is not None and now >= expires:
+                        self._drop(item[0], item[1], "max_lifetime reached", to_close, item)
             self._grant()
 
     def take_signalled(self, conns: list[Connection]) -> list[tuple[Connection, ConnInfo]]:
         """Take these idle connections out of the idle list for a check (state RETURNING)."""
         taken = []
         with self.lock:
-            for conn in conns:
-                if conn in self.return_times:  # still idle: not taken, evicted or cleared meanwhile
-                    info = self.conns[weakref.ref(conn)]
-                    self.idle.remove(conn)
-                    del self.return_times[conn]
+            for item in list(self.idle):
+                if item[0] in conns:
+                    try:
+                        self.idle.remove(item)
+                    except ValueError:
+                        continue  # lent meanwhile: its borrower's probe looks at it
+                    info = item[1]
                     info.state = RETURNING
                     self.returning += 1
                     info.lease += 1
-                    taken.append((conn, info))
+                    taken.append(item)
         return taken
 
     def take_leaks(self) -> list[ConnInfo]:
@@ -524,34 +631,30 @@ class PoolState:
             return leaks
 
     def idle_snapshot(self) -> list[Connection]:
-        with self.lock:
-            return list(self.idle)
+        return [conn for conn, _ in self.idle.copy()]  # deque.copy: atomic
 
     def lent_infos(self) -> list[ConnInfo]:
         with self.lock:
             self._purge()
-            return [info for info in self.conns.values() if info.state is LENT]
-
-    def info_of(self, conn: Connection) -> ConnInfo | None:
-        with self.lock:
-            return self.conns.get(weakref.ref(conn))
+            return list(self.lent.copy().values())  # dict.copy: atomic
 
     def lent_connections(self) -> list[Connection]:
-        with self.lock:
-            self._purge()
-            refs = [ref for ref, info in self.conns.items() if info.state is LENT]
-        return [conn for conn in (ref() for ref in refs) if conn is not None]
+        refs = [info.ref for info in self.lent.copy().values()]
+        return [conn for conn in (ref() for ref in refs if ref is not None) if conn is not None]
 
     def counts(self) -> dict[str, Any]:
         with self.lock:
             self._purge()
             idle = len(self.idle)
+            infos = list(self.conns.values())
             return {
                 "idle": idle,
                 "in_use": len(self.conns) - idle,
                 "opening": self.opening,
                 "closing": len(self.closing),
                 "waiting": len(self.waiters),
+                "checkouts": self.retired_lends + sum(info.lends for info in infos),
+                "usage_ms_total": int((self.retired_used + sum(info.used for info in infos)) * 1000),
                 **{key: int(value) for key, value in self.counters.items()},
             }
 
@@ -561,16 +664,18 @@ class PoolState:
 
     def reset_after_fork(self) -> list[Connection]:
         """In a forked child: start from zero; return the inherited connections (to disown, not close)."""
-        inherited = [conn for conn in (ref() for ref in list(self.conns)) if conn is not None]
+        inherited = [conn for conn in (info.ref() for info in self.conns.values() if info.ref) if conn is not None]
         inherited.extend(self.closing)
         self.lock = threading.Lock()
         self.idle.clear()
-        self.return_times.clear()
         self.conns.clear()
+        self.lent.clear()
         self.collected.clear()
         self.opening = self.refilling = self.returning = 0
         self.closing = set()
         self.waiters.clear()
         self.leaks.clear()
         self.counters = dict.fromkeys(COUNTERS, 0.0)  # the child's own story starts here
+        self.retired_lends = 0
+        self.retired_used = 0.0
         return inherited

@@ -92,7 +92,7 @@ class ConnectionBorrow(Generic[C]):
 
     def __enter__(self) -> C:
         pool = self._pool
-        if self._join:
+        if self._join and pool._borrow.get() is not None:
             outer = joinable(pool)
             if outer is not None and outer.conn is not None:
                 self._joined = outer

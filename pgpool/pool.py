@@ -32,8 +32,9 @@ import psycopg2.extensions
 
 from . import _fork, _session, borrow
 from ._connect import Connector, backoff, retryable
-from ._records import LENT, RETURNING, Claim, ConnInfo
-from ._state import WAIT, PoolState
+from ._records import IDLE, LENT, RETURNING, Claim, ConnInfo
+from ._state import TIDY, WAIT, PoolState
+from ._views import ReturnTimes
 from .borrow import end_finalized_borrows, finalized
 from .errors import PoolError, PoolTimeout
 from .health import socket_readable
@@ -151,7 +152,9 @@ class ConnectionPool(Generic[C]):
         self._housekeeper = Housekeeper(self)
         self._borrow = borrow.new_borrow_var(self.name)
         self._keys: dict[Any, C] = {}  # psycopg2.pool's getconn(key): key -> its connection
-        self._events: Any = None  # a metrics listener (pgpool.otel), told of lends, returns, timeouts
+        self._listener: Any = None  # a metrics listener (pgpool.otel), told of lends, returns, timeouts
+        self._fast_lend = False  # getconn may try PoolState.lend_fast (see _update_fast)
+        self._fast_return = reset is None  # putconn may try PoolState.return_fast
         _fork.track(self)
         try:
             self._open_minconn_at_start()
@@ -199,6 +202,22 @@ class ConnectionPool(Generic[C]):
             )
         return float(timeout)
 
+    @property
+    def _events(self) -> Any:
+        return self._listener
+
+    @_events.setter
+    def _events(self, listener: Any) -> None:
+        self._listener = listener
+        self._update_fast()
+
+    def _update_fast(self) -> None:
+        """Decide once whether the fast paths apply: not with hooks or listeners to call, nor before
+        the housekeeper runs (the slow path starts it)."""
+        plain = self._listener is None
+        self._fast_lend = plain and self.check is None and self.leak_timeout is None and self._housekeeper.started
+        self._fast_return = plain and self.reset is None
+
     # -- the psycopg2_pool attributes ----------------------------------------------------------
 
     @property
@@ -215,11 +234,13 @@ class ConnectionPool(Generic[C]):
 
     @property
     def idle_connections(self) -> deque[Connection]:
-        return self._state.idle
+        """The idle connections, the most recently returned on the right (a snapshot)."""
+        return deque(self._state.idle_snapshot())
 
     @property
-    def return_times(self) -> dict[Connection, float]:
-        return self._state.return_times
+    def return_times(self) -> ReturnTimes:
+        """Idle connection -> ``time.monotonic()`` of its return; writable, as in psycopg2_pool."""
+        return ReturnTimes(self._state)
 
     @property
     def connections_in_use(self) -> Any:
@@ -241,35 +262,24 @@ class ConnectionPool(Generic[C]):
 
         `key`, as in ``psycopg2.pool``: the same key gets the same connection until it is put back.
         """
-        if key is None:
-            found = self._lend_idle_fast()
-            if found is not None:
-                return found[0]
+        if key is None and self._fast_lend and not finalized:
+            item = self._state.lend_fast(time.monotonic())
+            if item is not None:
+                return item[0]  # type: ignore[return-value]  # opened by connection_factory
         wait = self.timeout if timeout is None else self._checked_timeout(timeout)
         if key is not None:
             return self._getconn_keyed(key, wait)
         return self._lend(wait)[0]
 
     def _lend_idle_fast(self) -> tuple[C, int] | None:
-        """The fast path of a lend: the newest idle connection, probed without the lock, lent in one
-        locked step that makes no Python call (nothing is taken until it returns, so an interrupt
-        loses nothing). None when anything needs the slow path: hooks, waiters, a signalled socket."""
-        state = self._state
-        if not state.idle or state.collected or state.leaks or finalized:
-            return None  # nothing idle, or leaks to report or finalized borrows to end: the slow path
-        if self.check is not None or self.leak_timeout is not None or self._events is not None:
+        """The fast path of a lend (see `PoolState.lend_fast`): the connection and its lease, or None
+        when anything needs the slow path (hooks, waiters, leaks to report, nothing idle)."""
+        if not self._fast_lend or finalized:
             return None
-        if not self._housekeeper.started:
+        item = self._state.lend_fast(time.monotonic())
+        if item is None:
             return None
-        try:
-            top = state.idle[-1]
-            info = state.conns[weakref.ref(top)]
-            signalled = bool(info.probe.poll(0))
-        except (IndexError, KeyError, RuntimeError):  # taken, or being probed, by another thread
-            return None
-        if signalled or not state.lend_top(top, info, time.monotonic()):
-            return None
-        return top, info.lease  # type: ignore[return-value]  # opened by connection_factory
+        return item[0], item[1].lease  # type: ignore[return-value]  # opened by connection_factory
 
     def _getconn_keyed(self, key: Any, wait: float) -> C:
         held = self._keys.get(key)
@@ -287,6 +297,7 @@ class ConnectionPool(Generic[C]):
         """Lend a connection and its lease number (which tells this borrow from the next)."""
         if not self._housekeeper.started:
             self._housekeeper.start()  # before anything is taken: an interrupt here loses nothing
+            self._update_fast()
         state = self._state
         if finalized:
             end_finalized_borrows()
@@ -460,13 +471,25 @@ class ConnectionPool(Generic[C]):
         of the connection's state. It raises `PoolError` for a connection this pool did not lend or
         that was already returned, and then changes nothing. `key`, as in ``psycopg2.pool``.
         """
+        state = self._state
+        info = state.lent.get(id(conn))  # one atomic dict read
+        if info is not None and close is False and key is None and self._fast_return:
+            lease = info.lease
+            try:
+                done = state.return_fast(conn, info, time.monotonic())  # type: ignore[arg-type]
+                if done is not None:
+                    if done is TIDY:
+                        self._tidy()
+                    return
+            except BaseException:
+                self._return(conn, lease)  # type: ignore[arg-type]  # idempotent: finishes this borrow only
+                raise
         if not isinstance(close, bool):
             raise TypeError(f"close must be True or False, got {close!r} (pool {self.name!r})")
         lease = None  # the borrow being returned, to finish it (and only it) after an interrupt
+        if info is not None and info.ref is not None and info.ref() is conn:
+            lease = info.lease
         try:
-            if isinstance(conn, Connection):
-                known = self._state.conns.get(weakref.ref(conn))  # one dict look-up: atomic
-                lease = known.lease if known is not None else None
             if key is not None or self._keys:
                 conn = self._unkey(conn, key)
             if not isinstance(conn, Connection):
@@ -475,13 +498,6 @@ class ConnectionPool(Generic[C]):
                 )
             if id(conn) in _fork.orphan_ids:
                 return  # inherited through fork and already disowned: nothing to give back
-            if (
-                not close
-                and self.reset is None
-                and self._events is None
-                and self._state.return_clean(conn, time.monotonic(), None)
-            ):
-                return  # the fast path: clean, nobody waiting, nothing due (one locked step)
             self._return(conn, None, close)
         except PoolError:
             raise
@@ -511,8 +527,14 @@ class ConnectionPool(Generic[C]):
         or whose return was cut short by an interrupt, is finished or left alone, never refused."""
         state = self._state
         now = time.monotonic()
-        if not close and self.reset is None and self._events is None and state.return_clean(conn, now, lease):
-            return  # the fast path: clean, nobody waiting, nothing due (one locked step)
+        if lease is not None and not close and self._fast_return:
+            info = state.lent.get(id(conn))
+            if info is not None and info.lease == lease:
+                done = state.return_fast(conn, info, now)
+                if done is not None:
+                    if done is TIDY:
+                        self._tidy()
+                    return
         to_close: list[tuple[Connection, str]] = []
         if lease is not None:
             known = state.info_of(conn)
@@ -520,6 +542,9 @@ class ConnectionPool(Generic[C]):
                 return
             if known.state is RETURNING:
                 self._abort_return(conn, known, to_close)  # an earlier return was interrupted
+                return
+            if known.state is IDLE:
+                self._tidy()  # an earlier fast return got this far: finish what it left due
                 return
             if known.state is not LENT:
                 return  # an earlier return got this far before the interrupt: done
@@ -530,7 +555,7 @@ class ConnectionPool(Generic[C]):
                 self._emit("returned", now - held.borrowed_at)
         info: ConnInfo | None = None
         try:
-            info = state.begin_return(conn, clean, now, to_close)  # PoolError: refused, nothing changed
+            info = state.begin_return(conn, clean, now, to_close, lease)  # PoolError: refused, nothing changed
             if info is not None:
                 reason = _session.return_problem(conn, close)
                 if reason is None:
@@ -547,6 +572,18 @@ class ConnectionPool(Generic[C]):
             except BaseException:
                 self._abort_return(conn, info, to_close)  # an interrupt on its entry: it is idempotent
                 raise
+            raise
+
+    def _tidy(self) -> None:
+        """What a fast return left due: serve waiters, close evicted connections (see `PoolState.tidy`)."""
+        to_close: list[tuple[Connection, str]] = []
+        try:
+            self._state.tidy(time.monotonic(), to_close)
+            if to_close:
+                self._close_dropped(to_close)
+                self._after_drop()
+        except BaseException:
+            self._close_dropped(to_close)  # consumes what is left, so safe after a partial run
             raise
 
     def _abort_return(self, conn: Connection, info: ConnInfo | None, to_close: list[tuple[Connection, str]]) -> None:
@@ -819,6 +856,7 @@ class ConnectionPool(Generic[C]):
             _fork.disown(conn)
         self._keys = {}
         self._housekeeper = Housekeeper(self)
+        self._update_fast()
 
 
 class ThreadSafeConnectionPool(ConnectionPool[C]):
