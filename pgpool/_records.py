@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import weakref
 
 import psycopg2.extensions
 
-from ._libpq import PQclientEncoding, client_encoding
+from ._libpq import client_encoding
 from .errors import PoolError
 from .health import socket_probe
 
 Connection = psycopg2.extensions.connection
 
-_STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
-_STATUS_READY = psycopg2.extensions.STATUS_READY
 
 # What a connection of the pool is doing (ConnInfo.state).
 IDLE = "idle"  # in idle_connections
@@ -60,7 +59,7 @@ class ConnInfo:
     def __init__(self, conn: Connection, expires: float | None) -> None:
         self.state = LENT
         self.lease = 0  # bumped at every lend: tells one borrow of the connection from the next
-        self.expires = expires  # monotonic time after which it is retired (max_lifetime)
+        self.expires = math.inf if expires is None else expires  # when it is retired (max_lifetime)
         self.probe = socket_probe(conn)  # made once: probing is then a single poll() call
         # The session characteristics restored on every return (as left by the configure hook).
         self.autocommit = conn.autocommit
@@ -83,25 +82,6 @@ class ConnInfo:
         self.used = 0.0  # seconds spent lent, over all its lends
         self.ref: ConnRef | None = None  # set when the pool counts it (PoolState.adopt)
         self.stack: list[str] | None = None  # where it was borrowed, when leak_timeout is set
-
-    def needs_cleanup(self, conn: Connection) -> bool:
-        """Tell whether a returned connection has anything for the next borrower to inherit."""
-        return bool(
-            self.sticky
-            or conn.status != _STATUS_READY  # a transaction open (psycopg2's own state: no call)
-            or conn.autocommit != self.autocommit
-            or conn.isolation_level != self.isolation_level
-            or conn.readonly != self.readonly
-            or conn.deferrable != self.deferrable
-            or conn.cursor_factory is not self.cursor_factory
-            or conn.notices  # a list, or a deque a configure hook put there
-            or conn.notifies
-            or conn.get_transaction_status() != _STATUS_IDLE
-            # The encoding, changed by set_client_encoding or in SQL ("SET client_encoding", which
-            # psycopg2 does not see): libpq follows both.
-            or (PQclientEncoding(conn.pgconn_ptr) if PQclientEncoding is not None else client_encoding(conn))
-            != self.encoding_id
-        )
 
 
 class Waiter:

@@ -24,12 +24,14 @@ the caller's `Claim` in the same breath as the mutation.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from typing import Any
 
 import psycopg2.extensions
 
+from ._libpq import PQclientEncoding, client_encoding
 from ._records import CLOSING, IDLE, LENT, RETURNING, Claim, ConnInfo, ConnRef, Waiter
 from .errors import PoolClosed, PoolError
 
@@ -38,6 +40,7 @@ Item = tuple[Connection, ConnInfo]  # an entry of the idle list
 ToClose = list[tuple[Connection, str]]
 
 _STATUS_READY = psycopg2.extensions.STATUS_READY
+_STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 
 # A connection whose socket was found quiet this recently is lent without looking again: a poll() is
 # a system call that releases the GIL, which under contention costs far more than its microsecond.
@@ -87,7 +90,9 @@ class PoolState:
         self.closing: set[Connection] = set()  # dropped, being closed; each still holds its slot
         self.waiters: deque[Waiter] = deque()  # threads queued in getconn, oldest on the left
         self.closed = False
+        self.keeps_returns = idle_timeout > 0  # a clean return may stay idle: not closed, idle_timeout
         self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
+        self.evict_at = math.inf  # no idle connection outlives idle_timeout before then (_evict_idle)
         self.retired_lends = 0  # lends and use time of connections no longer counted in `conns`
         self.retired_used = 0.0
 
@@ -103,7 +108,7 @@ class PoolState:
     def lend_fast(self, now: float) -> Item | None:
         """Lend the newest idle connection if it needs nothing the slow path does (None: take it)."""
         if self.collected or self.leaks:
-            return None  # leaks to account for and report: the slow path does it
+            return None  # connections garbage collected: the slow path accounts for and reports them
         idle = self.idle
         try:
             item = idle.pop()  # atomic: the connection is this thread's alone from here
@@ -115,7 +120,7 @@ class PoolState:
             self.waiters  # threads in line came first: the slow path serves them in order
             or conn.closed
             or conn.status != _STATUS_READY
-            or (info.expires is not None and now >= info.expires)
+            or now >= info.expires
             or (self.idle_timeout and now - info.returned_at > self.idle_timeout)
             or (probe_due and info.probe.poll(0))  # the server sent something: look closer
         ):
@@ -130,18 +135,29 @@ class PoolState:
         self.lent[id(conn)] = info  # atomic: putconn can now take it back
         return item
 
-    def return_fast(self, conn: Connection, info: ConnInfo, now: float) -> str | None:
-        """Take back a lent connection, `info` being what the lent table holds under its id, if it
-        needs no cleanup and is not due to close (None: nothing changed, take the slow path; TIDY:
-        back, and `tidy` must run; DONE: back, nothing due)."""
-        key = id(conn)
+    def return_fast(self, conn: Connection, key: int, info: ConnInfo, now: float) -> str | None:
+        """Take back a lent connection, `info` being what the lent table holds under its `key` (its
+        id), if it needs no cleanup and is not due to close (None: nothing changed, take the slow
+        path; TIDY: back, and `tidy` must run; DONE: back, nothing due)."""
         if (
-            info.ref is None
-            or info.ref() is not conn
-            or self.closed
-            or not self.idle_timeout
-            or (info.expires is not None and now >= info.expires)
-            or info.needs_cleanup(conn)
+            info.ref() is not conn  # (set before it entered the lent table) an id reused: not ours
+            or not self.keeps_returns
+            or now >= info.expires
+            # Anything the next borrower would inherit: the slow path cleans it up. Attribute reads
+            # and two C calls, inline (this is the hottest line of the pool).
+            or info.sticky
+            or conn.status != _STATUS_READY  # a transaction open, as psycopg2 knows
+            or conn.get_transaction_status() != _STATUS_IDLE  # ... or as libpq does
+            or conn.autocommit != info.autocommit
+            or conn.isolation_level != info.isolation_level
+            or conn.readonly != info.readonly
+            or conn.deferrable != info.deferrable
+            or conn.cursor_factory is not info.cursor_factory
+            or conn.notices  # a list, or a deque a configure hook put there
+            or conn.notifies
+            # The encoding, changed by set_client_encoding or in SQL ("SET client_encoding", which
+            # psycopg2 does not see): libpq follows both.
+            or (PQclientEncoding(conn.pgconn_ptr) if PQclientEncoding else client_encoding(conn)) != info.encoding_id
         ):
             return None
         if self.lent.pop(key, None) is not info:  # atomic: of two putconn at once, one gets here
@@ -151,13 +167,10 @@ class PoolState:
         info.returned_at = now
         idle = self.idle
         idle.append((conn, info))  # atomic; a lender may take it from here
-        if self.waiters or self.closed:  # read after the append: see the module's hand-over rule
+        if self.waiters or not self.keeps_returns:  # read after the append: see the hand-over rule
             return TIDY
-        try:
-            if now - idle[0][1].returned_at > self.idle_timeout:
-                return TIDY  # idle connections to evict
-        except IndexError:
-            pass
+        if now > self.evict_at:
+            return TIDY  # an idle connection may have outlived idle_timeout
         return DONE
 
     # -- helpers called under the lock ---------------------------------------------------------
@@ -251,12 +264,16 @@ class PoolState:
     def _evict_idle(self, now: float, to_close: ToClose) -> None:
         """Drop idle connections older than idle_timeout (oldest first), never below minconn."""
         idle = self.idle
+        # Until a connection newer than the oldest idle one outlives idle_timeout, fast returns need
+        # not call again (connections joining the idle list later are newer still).
+        self.evict_at = now + self.idle_timeout
         while idle and len(self.conns) + self.opening > self.minconn:
             try:
                 item = idle[0]
             except IndexError:
                 return
             if now - item[1].returned_at <= self.idle_timeout:
+                self.evict_at = item[1].returned_at + self.idle_timeout
                 return
             self._drop(item[0], item[1], "idle_timeout reached", to_close, item)
 
@@ -283,9 +300,9 @@ class PoolState:
                 conn, info = item
                 if conn.closed:
                     reason = "closed while idle"
-                elif conn.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                elif conn.get_transaction_status() != _STATUS_IDLE:
                     reason = "not idle on the server"
-                elif info.expires is not None and now >= info.expires:
+                elif now >= info.expires:
                     reason = "max_lifetime reached"
                 elif (
                     self.idle_timeout
@@ -420,6 +437,7 @@ class PoolState:
             else:
                 info.state = IDLE
                 info.returned_at = now
+                self.evict_at = min(self.evict_at, now + self.idle_timeout)
                 self.idle.appendleft((conn, info))  # a refill: the least recently used end
             claim.slot = False
             claim.new_conn = claim.new_info = None
@@ -491,26 +509,21 @@ class PoolState:
 
     # -- returning -----------------------------------------------------------------------------
 
-    def begin_return(
-        self, conn: Connection, clean: bool, now: float, to_close: ToClose, lease: int | None = None
-    ) -> ConnInfo | None:
-        """Take back a lent connection (state RETURNING) and return its info for the caller to clean up;
-        or, when `clean` and it needs no cleanup, settle it at once and return None. Refuses with
-        PoolError a connection that is not lent, changing nothing. With the `lease` of the borrow, also
-        finishes a return that an interrupt cut short after it took the connection off the lent table."""
+    def begin_return(self, conn: Connection, now: float, lease: int | None = None) -> ConnInfo:
+        """Take back a lent connection (state RETURNING) and return its info for the caller to clean up
+        and pass to `finish_return`. Refuses with PoolError a connection that is not lent, changing
+        nothing. With the `lease` of the borrow, also finishes a return that an interrupt cut short
+        after it took the connection off the lent table."""
         with self.lock:
             key = id(conn)
             info = self.lent.get(key)
-            if info is None or info.ref is None or info.ref() is not conn:
+            if info is None or info.ref() is not conn:
                 info = self.info_of(conn)
                 if info is None or info.state is not LENT or lease is None or info.lease != lease:
                     raise PoolError(self._refusal(info))
             elif self.lent.pop(key, None) is not info:
                 raise PoolError(self._refusal(info))
             info.used += now - info.borrowed_at
-            if clean and not info.needs_cleanup(conn):
-                self._settle(conn, info, None, now, to_close)  # an interrupt on its entry: still LENT
-                return None
             info.state = RETURNING  # still counted, and a second putconn is refused
             self.returning += 1
             return info
@@ -534,7 +547,7 @@ class PoolState:
                 reason = "pool closed"
             elif self.idle_timeout == 0 and not self.waiters and len(self.idle) >= self.minconn:
                 reason = "idle_timeout is 0 and minconn are idle"
-            elif info.expires is not None and now >= info.expires:
+            elif now >= info.expires:
                 reason = "max_lifetime reached"
         if reason is not None:
             if reason.startswith(("broken", "returned closed", "cleanup failed", "reset")):
@@ -584,6 +597,7 @@ class PoolState:
         with self.lock:
             first = not self.closed
             self.closed = True
+            self.keeps_returns = False
             self._drop_all_idle("pool closed", to_close)
             while self.waiters:
                 waiter = self.waiters.popleft()
@@ -600,8 +614,7 @@ class PoolState:
                 self._evict_idle(now, to_close)
             if max_lifetime:
                 for item in list(self.idle):
-                    expires = item[1].expires
-                    if expires is not None and now >= expires:
+                    if now >= item[1].expires:
                         self._drop(item[0], item[1], "max_lifetime reached", to_close, item)
             self._grant()
 

@@ -28,7 +28,7 @@ class ReturnTimes(MutableMapping[Connection, float]):
         self._state = state
 
     def _idle_info(self, conn: Connection) -> ConnInfo:
-        info = self._state.info_of(conn) if isinstance(conn, Connection) else None
+        info = self._state.info_of(conn)
         if info is None or info.state is not IDLE:
             raise KeyError(conn)
         return info
@@ -38,6 +38,7 @@ class ReturnTimes(MutableMapping[Connection, float]):
 
     def __setitem__(self, conn: Connection, when: float) -> None:
         self._idle_info(conn).returned_at = float(when)
+        self._state.evict_at = 0.0  # the next return looks for connections to evict
 
     def __delitem__(self, conn: Connection) -> None:
         raise TypeError(f"pool {self._state.name!r}: return_times entries go with their idle connections")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Generator
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import psycopg2.extensions
 
 from . import _fork
+from ._state import TIDY
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -44,7 +46,23 @@ Connection = psycopg2.extensions.connection
 C = TypeVar("C", bound=Connection)  # the pool's connection class (connection_factory)
 
 _savepoint_ids = itertools.count(1)
-_current_thread = threading.current_thread  # Thread objects, unlike idents, are never reused
+_monotonic = time.monotonic
+
+
+class _ThisThread(threading.local):
+    """`token`: an object of the running thread's own, made at its first borrow. Unlike a thread
+    ident, which the system reuses, it is never another thread's while a borrow holds it."""
+
+    def __init__(self) -> None:
+        self.token = object()
+
+
+_this_thread = _ThisThread()
+
+
+def thread_token() -> object:
+    """The running thread's token (see `_ThisThread`): who may join a borrow."""
+    return _this_thread.token
 
 
 class Borrow:
@@ -56,7 +74,7 @@ class Borrow:
     __slots__ = ("conn", "generation", "in_transaction", "thread")
 
     conn: Connection | None  # None once the borrow ended: never joined again, from any context
-    thread: threading.Thread  # the thread allowed to join it
+    thread: object  # the token of the thread allowed to join it (see thread_token)
     generation: int  # the fork generation it was made in
     in_transaction: bool  # a transaction() block of this borrow is open
 
@@ -71,7 +89,7 @@ def joinable(pool: ConnectionPool[Any]) -> Borrow | None:
     if (
         found is not None
         and found.conn is not None
-        and found.thread is _current_thread()
+        and found.thread is _this_thread.token
         and found.generation == _fork.generation
     ):
         return found
@@ -97,16 +115,19 @@ class ConnectionBorrow(Generic[C]):
             if outer is not None and outer.conn is not None:
                 self._joined = outer
                 return outer.conn  # type: ignore[return-value]  # nested: the outer borrow returns it
-        found = pool._lend_idle_fast() if self._timeout is None else None
-        if found is None:
+        item = None
+        if self._timeout is None and pool._fast_lend and not finalized:
+            item = pool._state.lend_fast(_monotonic())
+        if item is not None:
+            conn, lease = item[0], item[1].lease
+        else:
             wait = pool.timeout if self._timeout is None else pool._checked_timeout(self._timeout)
-            found = pool._lend(wait)
-        conn, lease = found
+            conn, lease = pool._lend(wait)
         try:
             # No Python call from here to the end of the block: the borrow exists whole or not at all.
             borrow = Borrow()
             borrow.conn = conn
-            borrow.thread = _current_thread()
+            borrow.thread = _this_thread.token
             borrow.generation = _fork.generation
             borrow.in_transaction = False
             self._lease = lease
@@ -136,10 +157,20 @@ class ConnectionBorrow(Generic[C]):
             pass
         if conn is None:
             return
+        lease = self._lease
+        state = pool._state
+        conn_id = id(conn)
+        info = state.lent.get(conn_id)  # one atomic dict read
         try:
-            pool._return(conn, self._lease)
+            if info is not None and info.lease == lease and pool._fast_return:
+                done = state.return_fast(conn, conn_id, info, _monotonic())
+                if done is not None:
+                    if done is TIDY:
+                        pool._tidy()
+                    return
+            pool._return(conn, lease)
         except BaseException:
-            pool._return(conn, self._lease)  # an interrupt on its entry: it is idempotent
+            pool._return(conn, lease)  # an interrupt on its entry: it is idempotent
             raise
 
 

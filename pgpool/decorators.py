@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, Union
 import psycopg2.extensions
 import wrapt
 
-from .borrow import ConnectionBorrow, TransactionBorrow, finalized, held_by_generators
+from .borrow import ConnectionBorrow, TransactionBorrow, finalized, held_by_generators, thread_token
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -256,7 +256,7 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
                 self._start()
             assert self._ctx is not None and self._inner is not None
             if self._own is not None:
-                self._own.thread = threading.current_thread()  # the borrow follows the thread running it
+                self._own.thread = thread_token()  # the borrow follows the thread running it
             return self._ctx.run(getattr(self._inner, method), *args)
         except BaseException as exc:
             self._finish(exc)

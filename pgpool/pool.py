@@ -61,6 +61,7 @@ _names = itertools.count(1)
 _WAIT_SLICE = 0.5  # a waiter re-checks for slots freed by garbage-collected leaks this often
 _TRANSIENT_WAIT = 30.0  # without a timeout, the longest wait for a slot held by a refill or a close
 _LIFETIME_JITTER = 0.05
+_monotonic = time.monotonic
 
 
 def _check_hook(name: str, hook: object) -> None:
@@ -263,7 +264,7 @@ class ConnectionPool(Generic[C]):
         `key`, as in ``psycopg2.pool``: the same key gets the same connection until it is put back.
         """
         if key is None and self._fast_lend and not finalized:
-            item = self._state.lend_fast(time.monotonic())
+            item = self._state.lend_fast(_monotonic())
             if item is not None:
                 return item[0]  # type: ignore[return-value]  # opened by connection_factory
         wait = self.timeout if timeout is None else self._checked_timeout(timeout)
@@ -472,11 +473,12 @@ class ConnectionPool(Generic[C]):
         that was already returned, and then changes nothing. `key`, as in ``psycopg2.pool``.
         """
         state = self._state
-        info = state.lent.get(id(conn))  # one atomic dict read
+        conn_id = id(conn)
+        info = state.lent.get(conn_id)  # one atomic dict read
         if info is not None and close is False and key is None and self._fast_return:
             lease = info.lease
             try:
-                done = state.return_fast(conn, info, time.monotonic())  # type: ignore[arg-type]
+                done = state.return_fast(conn, conn_id, info, _monotonic())  # type: ignore[arg-type]
                 if done is not None:
                     if done is TIDY:
                         self._tidy()
@@ -527,14 +529,6 @@ class ConnectionPool(Generic[C]):
         or whose return was cut short by an interrupt, is finished or left alone, never refused."""
         state = self._state
         now = time.monotonic()
-        if lease is not None and not close and self._fast_return:
-            info = state.lent.get(id(conn))
-            if info is not None and info.lease == lease:
-                done = state.return_fast(conn, info, now)
-                if done is not None:
-                    if done is TIDY:
-                        self._tidy()
-                    return
         to_close: list[tuple[Connection, str]] = []
         if lease is not None:
             known = state.info_of(conn)
@@ -548,21 +542,19 @@ class ConnectionPool(Generic[C]):
                 return
             if known.state is not LENT:
                 return  # an earlier return got this far before the interrupt: done
-        clean = not close and self.reset is None and not conn.closed
         if self._events is not None:
             held = state.info_of(conn)
             if held is not None and held.state is LENT:
                 self._emit("returned", now - held.borrowed_at)
         info: ConnInfo | None = None
         try:
-            info = state.begin_return(conn, clean, now, to_close, lease)  # PoolError: refused, nothing changed
-            if info is not None:
-                reason = _session.return_problem(conn, close)
-                if reason is None:
-                    reason = _session.clean_returned(conn, info, self.reset, self.configure, self._connector.redact)
-                    if reason is not None and reason.startswith("reset failed"):
-                        logger.warning("pool %r: %s; connection discarded", self.name, reason)
-                state.finish_return(conn, info, reason, time.monotonic(), to_close)
+            info = state.begin_return(conn, now, lease)  # PoolError: refused, nothing changed
+            reason = _session.return_problem(conn, close)
+            if reason is None:
+                reason = _session.clean_returned(conn, info, self.reset, self.configure, self._connector.redact)
+                if reason is not None and reason.startswith("reset failed"):
+                    logger.warning("pool %r: %s; connection discarded", self.name, reason)
+            state.finish_return(conn, info, reason, time.monotonic(), to_close)
             if to_close:
                 self._close_dropped(to_close)
                 self._after_drop()

@@ -19,6 +19,7 @@ import pytest
 
 from pgpool._records import IDLE, LENT, Claim, ConnInfo
 from pgpool._state import DONE, PROBE_INTERVAL, TIDY, WAIT, PoolState
+from pgpool._views import ReturnTimes
 from pgpool.errors import PoolClosed, PoolError
 
 
@@ -81,7 +82,7 @@ def new_state(maxconn: float = 4, minconn: int = 0, idle_timeout: float = 600) -
 def give_back(state: PoolState, conn: Any) -> str | None:
     info = state.lent.get(id(conn))
     assert info is not None
-    return state.return_fast(conn, info, time.monotonic())
+    return state.return_fast(conn, id(conn), info, time.monotonic())
 
 
 def test_lend_fast_takes_the_newest_idle_connection_and_return_fast_puts_it_back():
@@ -101,9 +102,9 @@ def test_a_second_return_and_a_foreign_connection_are_refused_and_change_nothing
     assert give_back(state, conn) is DONE
     assert id(conn) not in state.lent  # the atomic pop happened once: a second return_fast cannot start
     with pytest.raises(PoolError, match="putconn called twice"):
-        state.begin_return(conn, True, time.monotonic(), [])
+        state.begin_return(conn, time.monotonic())
     with pytest.raises(PoolError, match="foreign connection"):
-        state.begin_return(Stand(), True, time.monotonic(), [])  # type: ignore[arg-type]
+        state.begin_return(Stand(), time.monotonic())  # type: ignore[arg-type]
     assert len(state.idle) == 1 and state.counts()["in_use"] == 0
 
 
@@ -159,7 +160,7 @@ def test_the_socket_is_probed_at_most_once_per_interval_and_a_signalled_one_is_n
 def test_a_fast_return_asks_for_a_tidy_when_an_idle_connection_outlived_idle_timeout():
     state = new_state(idle_timeout=10)
     stale, conn = opened(state), opened(state, lend=True)
-    state.idle[0][1].returned_at -= 60
+    ReturnTimes(state)[stale] -= 60  # as psycopg2_pool's own tests age a connection
     assert give_back(state, conn) is TIDY
     to_close: list[Any] = []
     state.tidy(time.monotonic(), to_close)
@@ -201,9 +202,10 @@ def test_a_fast_return_to_a_closed_pool_is_not_kept_idle():
     state = new_state()
     conn = opened(state, lend=True)
     state.close([])
-    assert state.return_fast(conn, state.lent[id(conn)], time.monotonic()) is None  # the slow path drops it
+    assert state.return_fast(conn, id(conn), state.lent[id(conn)], time.monotonic()) is None  # the slow path drops it
     to_close: list[Any] = []
-    state.begin_return(conn, True, time.monotonic(), to_close)
+    info = state.begin_return(conn, time.monotonic())
+    state.finish_return(conn, info, None, time.monotonic(), to_close)
     assert [c for c, _ in to_close] == [conn] and not state.idle
     with pytest.raises(PoolClosed):
         state.acquire(Claim(), time.monotonic(), can_wait=False)
@@ -238,9 +240,9 @@ def test_threads_lending_and_returning_without_the_lock_lose_nothing_and_lend_no
             errors.append(f"thread {me} got a connection held by thread {holders[id(conn)]}")
         del holders[id(conn)]
         info = state.lent[id(conn)]
-        done = state.return_fast(conn, info, time.monotonic())
+        done = state.return_fast(conn, id(conn), info, time.monotonic())
         if done is None:
-            state.begin_return(conn, True, time.monotonic(), [])
+            state.finish_return(conn, state.begin_return(conn, time.monotonic()), None, time.monotonic(), [])
         elif done is TIDY:
             state.tidy(time.monotonic(), [])
 
