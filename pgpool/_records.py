@@ -16,6 +16,12 @@ from .health import socket_probe
 Connection = psycopg2.extensions.connection
 
 
+# A connection whose socket was found quiet, or that made a round trip, this recently is lent
+# without looking again: poll() is a system call that releases the GIL, which under contention costs
+# far more than its microsecond. A connection killed within this window is lent dead, as one killed
+# just after a probe would be (HikariCP skips validation for 500 ms after a connection's last use).
+PROBE_INTERVAL = 0.001
+
 # What a connection of the pool is doing (ConnInfo.state).
 IDLE = "idle"  # in idle_connections
 LENT = "lent"  # lent by getconn

@@ -8,12 +8,13 @@ every borrower, whatever the reset did.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 import psycopg2.extensions
 
-from ._records import ConnInfo
+from ._records import PROBE_INTERVAL, ConnInfo
 from .health import check_connection
 
 Connection = psycopg2.extensions.connection
@@ -31,10 +32,16 @@ def lend_problem(conn: Connection, info: ConnInfo, check: Hook | None, redact: C
     (it closed the connection, or a notification arrived). The `check` hook runs on every connection,
     new ones included. A BaseException from the hook propagates: the caller drops the connection.
     """
-    try:
-        signalled = bool(info.probe.poll(0))
-    except RuntimeError:
-        signalled = True  # polled at the same instant by a fast-path lender that saw it idle: check
+    now = time.monotonic()
+    if now - info.probed_at < PROBE_INTERVAL:
+        signalled = False  # a round trip or a probe found it alive an instant ago (see PROBE_INTERVAL)
+    else:
+        try:
+            signalled = bool(info.probe.poll(0))
+        except RuntimeError:
+            signalled = True  # polled at the same instant by another thread: check for real
+        if not signalled:
+            info.probed_at = now
     if signalled:
         try:
             check_connection(conn)

@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import deque
 from typing import Any
 
+import psycopg2
 import psycopg2.extensions
 
 from ._libpq import PQclientEncoding, client_encoding
-from ._records import CLOSING, IDLE, LENT, RETURNING, Claim, ConnInfo, ConnRef, Waiter
+from ._records import CLOSING, IDLE, LENT, PROBE_INTERVAL, RETURNING, Claim, ConnInfo, ConnRef, Waiter
 from .errors import PoolClosed, PoolError
 
 Connection = psycopg2.extensions.connection
@@ -41,11 +43,9 @@ ToClose = list[tuple[Connection, str]]
 
 _STATUS_READY = psycopg2.extensions.STATUS_READY
 _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+_STATUS_INTRANS = psycopg2.extensions.TRANSACTION_STATUS_INTRANS
+_STATUS_INERROR = psycopg2.extensions.TRANSACTION_STATUS_INERROR
 
-# A connection whose socket was found quiet this recently is lent without looking again: a poll() is
-# a system call that releases the GIL, which under contention costs far more than its microsecond.
-# A connection killed within this window is lent dead, as one killed just after a probe would be.
-PROBE_INTERVAL = 0.001
 
 COUNTERS = (
     "requests_waited",
@@ -137,17 +137,21 @@ class PoolState:
 
     def return_fast(self, conn: Connection, key: int, info: ConnInfo, now: float) -> str | None:
         """Take back a lent connection, `info` being what the lent table holds under its `key` (its
-        id), if it needs no cleanup and is not due to close (None: nothing changed, take the slow
-        path; TIDY: back, and `tidy` must run; DONE: back, nothing due)."""
+        id), if at most a rollback is needed and it is not due to close (None: nothing changed, take
+        the slow path; TIDY: back, and `tidy` must run; DONE: back, nothing due).
+
+        The rollback, when a transaction is open, is the one I/O here: made outside any lock by the
+        returning thread, which owns the connection once it took it off the lent table.
+        """
+        status = conn.get_transaction_status()
         if (
             info.ref() is not conn  # (set before it entered the lent table) an id reused: not ours
             or not self.keeps_returns
             or now >= info.expires
-            # Anything the next borrower would inherit: the slow path cleans it up. Attribute reads
-            # and two C calls, inline (this is the hottest line of the pool).
+            # Anything else the next borrower would inherit: the slow path cleans it up. Attribute
+            # reads and C calls, inline (this is the hottest line of the pool).
+            or (status != _STATUS_IDLE and status != _STATUS_INTRANS and status != _STATUS_INERROR)
             or info.sticky
-            or conn.status != _STATUS_READY  # a transaction open, as psycopg2 knows
-            or conn.get_transaction_status() != _STATUS_IDLE  # ... or as libpq does
             or conn.autocommit != info.autocommit
             or conn.isolation_level != info.isolation_level
             or conn.readonly != info.readonly
@@ -155,13 +159,28 @@ class PoolState:
             or conn.cursor_factory is not info.cursor_factory
             or conn.notices  # a list, or a deque a configure hook put there
             or conn.notifies
-            # The encoding, changed by set_client_encoding or in SQL ("SET client_encoding", which
-            # psycopg2 does not see): libpq follows both.
-            or (PQclientEncoding(conn.pgconn_ptr) if PQclientEncoding else client_encoding(conn)) != info.encoding_id
         ):
             return None
         if self.lent.pop(key, None) is not info:  # atomic: of two putconn at once, one gets here
             return None  # the other: the slow path refuses it
+        if status != _STATUS_IDLE or conn.status != _STATUS_READY:
+            try:
+                conn.rollback()
+            except psycopg2.Error:
+                self.lent[key] = info  # atomic: lent again, for the slow path to discard or clean
+                return None
+            except BaseException:
+                self.lent[key] = info  # (an interrupt) the caller's retry finishes the return
+                raise
+            info.probed_at = now  # the round trip just made says as much as a probe would
+            if conn.notices:  # the rollback said something (a warning): the slow path clears it
+                self.lent[key] = info
+                return None
+        # The encoding, changed by set_client_encoding or in SQL ("SET client_encoding", which
+        # psycopg2 does not see, and which the rollback may have undone): libpq follows both.
+        if (PQclientEncoding(conn.pgconn_ptr) if PQclientEncoding else client_encoding(conn)) != info.encoding_id:
+            self.lent[key] = info
+            return None
         info.used += now - info.borrowed_at
         info.state = IDLE
         info.returned_at = now
@@ -202,6 +221,8 @@ class PoolState:
         while self.waiters and self._free_slots() > 0:
             waiter = self.waiters.popleft()
             self.opening += 1
+            self.counters["requests_waited"] += 1
+            self.counters["wait_ms_total"] += (time.monotonic() - waiter.since) * 1000
             waiter.may_connect = True
             waiter.signal.release()  # last: once released, the waiter owns the slot
 
@@ -216,6 +237,8 @@ class PoolState:
             except ValueError:
                 return
         waiter = self.waiters.popleft()
+        self.counters["requests_waited"] += 1
+        self.counters["wait_ms_total"] += (time.monotonic() - waiter.since) * 1000
         if info.state is RETURNING:
             self.returning -= 1  # every change of state away from RETURNING counts it down
         info.state = LENT
@@ -361,23 +384,22 @@ class PoolState:
                 self.counters["wait_ms_total"] += (now - waiter.since) * 1000
             return False
 
-    def collect(self, claim: Claim, now: float) -> None:
+    def collect(self, claim: Claim) -> None:
         """Move what the claim's waiter was served into the claim (raises the error it was served)."""
         waiter = claim.waiter
         assert waiter is not None
-        with self.lock:
-            self.counters["requests_waited"] += 1
-            self.counters["wait_ms_total"] += (now - waiter.since) * 1000
-            if waiter.conn is not None:
-                claim.info = waiter.info
-                claim.conn = waiter.conn
-            elif waiter.may_connect:
-                claim.slot = True
-            waiter.conn = None
-            waiter.may_connect = False
-            claim.waiter = None
-            if waiter.error is not None:
-                raise waiter.error
+        # No lock: whoever served the waiter took it out of the line, wrote its outcome, then woke
+        # it (the lock release orders the writes before this read); nobody else touches it since.
+        if waiter.conn is not None:
+            claim.info = waiter.info
+            claim.conn = waiter.conn
+        elif waiter.may_connect:
+            claim.slot = True
+        waiter.conn = None
+        waiter.may_connect = False
+        claim.waiter = None
+        if waiter.error is not None:
+            raise waiter.error
 
     def leave_line(self, claim: Claim) -> None:
         """A waiter gives up (interrupted, failed): out of the line; what it was served goes to the claim."""

@@ -424,7 +424,7 @@ class ConnectionPool(Generic[C]):
                 if self._events is not None:
                     self._emit("timed_out")
                 raise PoolTimeout(self._timeout_message(wait, error)) from error
-        state.collect(claim, time.monotonic())
+        state.collect(claim)
 
     def _note_borrow(self, info: ConnInfo) -> None:
         """Remember where a connection was borrowed, for leak reports."""

@@ -328,8 +328,9 @@ def test_an_interrupt_after_putconn_served_a_waiter_never_returns_the_waiters_co
         thread = threading.Thread(target=waiter)
         thread.start()
         assert wait_until(lambda: pool.stats()["waiting"] == 1)
+        a.autocommit = True  # a session characteristic to restore: the slow return path serves the waiter
         with a.cursor() as cur:
-            cur.execute("SELECT 1")  # dirty: the slow return path, which serves the waiter
+            cur.execute("SELECT 1")
         sys.settrace(tracer)
         try:
             with pytest.raises(KeyboardInterrupt):

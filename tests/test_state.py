@@ -17,8 +17,8 @@ from typing import Any
 import psycopg2.extensions
 import pytest
 
-from pgpool._records import IDLE, LENT, Claim, ConnInfo
-from pgpool._state import DONE, PROBE_INTERVAL, TIDY, WAIT, PoolState
+from pgpool._records import IDLE, LENT, PROBE_INTERVAL, Claim, ConnInfo
+from pgpool._state import DONE, TIDY, WAIT, PoolState
 from pgpool._views import ReturnTimes
 from pgpool.errors import PoolClosed, PoolError
 
@@ -231,7 +231,7 @@ def test_threads_lending_and_returning_without_the_lock_lose_nothing_and_lend_no
                 while not claim.waiter.signal.acquire(timeout=0.05):
                     if state.recheck_waiter(claim.waiter, False, time.monotonic()):
                         break
-                state.collect(claim, time.monotonic())
+                state.collect(claim)
             assert claim.conn is not None and claim.info is not None, outcome
             conn = claim.conn
         else:

@@ -1,0 +1,141 @@
+"""The lock-free fast paths (issue "Core v2") against a real server: what they skip and what they keep."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg2
+import pytest
+
+import pgpool
+from pgpool import ThreadSafeConnectionPool
+
+from .helpers import join_all
+
+
+class CountingLock:
+    """Stands in for the pool's lock and counts how often it is taken."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.taken = 0
+
+    def __enter__(self) -> bool:
+        self.taken += 1
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.__exit__(*exc)
+
+    def acquire(self, *args: Any) -> bool:
+        self.taken += 1
+        return self.lock.acquire(*args)
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+@pytest.fixture
+def warm_pool(dsn):
+    with ThreadSafeConnectionPool(minconn=0, maxconn=2, dsn=dsn, timeout=5) as pool:
+        pool.putconn(pool.getconn())  # the first getconn starts the housekeeper: the slow path
+        yield pool
+
+
+def test_borrowing_an_idle_connection_and_returning_it_clean_takes_no_lock(warm_pool):
+    counter = CountingLock()
+    warm_pool._state.lock = counter
+    for _ in range(50):
+        conn = warm_pool.getconn()
+        warm_pool.putconn(conn)
+        with warm_pool.connection():
+            pass
+    assert counter.taken == 0
+
+
+def test_a_connection_returned_in_a_transaction_is_rolled_back_without_the_lock(warm_pool, admin):
+    with admin.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS fast_rollback (v int)")
+        cur.execute("TRUNCATE fast_rollback")
+    counter = CountingLock()
+    warm_pool._state.lock = counter
+    conn = warm_pool.getconn()
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO fast_rollback VALUES (1)")
+    warm_pool.putconn(conn)
+    assert counter.taken == 0
+    again = warm_pool.getconn()
+    assert again is conn and again.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+    with again.cursor() as cur:
+        cur.execute("SELECT count(*) FROM fast_rollback")
+        assert cur.fetchone()[0] == 0
+    warm_pool.putconn(again)
+
+
+def test_a_connection_killed_inside_its_transaction_is_discarded_on_return(warm_pool, terminate):
+    conn = warm_pool.getconn()
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")  # a transaction is open: the return must roll it back
+    terminate(conn)
+    warm_pool.putconn(conn)  # the rollback fails: discarded, not raised
+    assert warm_pool.stats()["broken_discarded"] == 1
+    fresh = warm_pool.getconn()
+    assert fresh is not conn
+    with fresh.cursor() as cur:
+        cur.execute("SELECT 1")
+    warm_pool.putconn(fresh)
+
+
+@pytest.mark.parametrize("how", ["committed", "autocommit"])
+def test_a_client_encoding_set_in_sql_is_restored_by_a_return_that_rolls_back_nothing(warm_pool, how):
+    conn = warm_pool.getconn()
+    encoding = conn.encoding
+    if how == "autocommit":
+        conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SET client_encoding TO 'LATIN1'")
+    if how == "committed":
+        conn.commit()
+    else:
+        conn.autocommit = False
+    warm_pool.putconn(conn)
+    again = warm_pool.getconn()
+    assert again is conn
+    assert again.get_parameter_status("client_encoding") == encoding == again.encoding
+    warm_pool.putconn(again)
+
+
+def test_a_set_client_encoding_undone_by_the_rollback_keeps_the_connection_on_the_fast_path(warm_pool):
+    conn = warm_pool.getconn()
+    with conn.cursor() as cur:
+        cur.execute("SET client_encoding TO 'LATIN1'")  # inside the transaction the return rolls back
+    warm_pool.putconn(conn)
+    again = warm_pool.getconn()
+    assert again is conn and again.get_parameter_status("client_encoding") == again.encoding
+    warm_pool.putconn(again)
+
+
+def test_two_threads_returning_one_connection_at_once_one_is_refused_every_time(warm_pool):
+    """The lent table's atomic pop decides: exactly one putconn wins, the other raises PoolError,
+    and the connection is idle once (never twice in the idle list)."""
+    for _ in range(40):
+        conn = warm_pool.getconn()
+        barrier = threading.Barrier(2)
+        outcomes: list[str] = []
+
+        def give_back(conn: Any = conn, barrier: threading.Barrier = barrier, outcomes: list[str] = outcomes) -> None:
+            barrier.wait(5)
+            try:
+                warm_pool.putconn(conn)
+                outcomes.append("ok")
+            except pgpool.PoolError:
+                outcomes.append("refused")
+
+        threads = [threading.Thread(target=give_back) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        join_all(threads)
+        assert sorted(outcomes) == ["ok", "refused"]
+        assert list(warm_pool.idle_connections).count(conn) == 1
+    assert warm_pool.stats()["in_use"] == 0
