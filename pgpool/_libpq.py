@@ -27,7 +27,7 @@ def _find() -> Callable[[int | None], int] | None:
         return None
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p]
-    return function  # type: ignore[no-any-return]
+    return function
 
 
 # PQclientEncoding(conn.pgconn_ptr): a number, -1 for a closed connection (pgconn_ptr None).

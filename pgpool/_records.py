@@ -29,7 +29,7 @@ RETURNING = "returning"  # given back to putconn, being cleaned up outside the l
 CLOSING = "closing"  # dropped: being closed outside the lock, its slot still counted
 
 
-class ConnRef(weakref.ref):  # type: ignore[type-arg]
+class ConnRef(weakref.ref[Connection]):
     """A weak reference to a pooled connection that remembers the connection's key (its ``id``), so
     that the pool can forget its entry once the connection has been garbage collected."""
 
@@ -86,7 +86,7 @@ class ConnInfo:
         self.probed_at = time.monotonic()  # when its socket was last found quiet (connected: now)
         self.lends = 0  # how many times it was lent (the pool's "checkouts" sum these)
         self.used = 0.0  # seconds spent lent, over all its lends
-        self.ref: ConnRef | None = None  # set when the pool counts it (PoolState.adopt)
+        self.ref = ConnRef(conn)  # replaced, with a callback, when the pool counts it (PoolState.adopt)
         self.stack: list[str] | None = None  # where it was borrowed, when leak_timeout is set
 
 

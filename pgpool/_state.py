@@ -24,84 +24,29 @@ the caller's `Claim` in the same breath as the mutation.
 
 from __future__ import annotations
 
-import math
-import threading
-import time
-from collections import deque
-from typing import Any
-
 import psycopg2
 import psycopg2.extensions
 
 from ._libpq import PQclientEncoding, client_encoding
 from ._records import CLOSING, IDLE, LENT, PROBE_INTERVAL, RETURNING, Claim, ConnInfo, ConnRef, Waiter
+from ._slots import Item, Slots, ToClose
 from .errors import PoolClosed, PoolError
 
 Connection = psycopg2.extensions.connection
-Item = tuple[Connection, ConnInfo]  # an entry of the idle list
-ToClose = list[tuple[Connection, str]]
 
 _STATUS_READY = psycopg2.extensions.STATUS_READY
 _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _STATUS_INTRANS = psycopg2.extensions.TRANSACTION_STATUS_INTRANS
 _STATUS_INERROR = psycopg2.extensions.TRANSACTION_STATUS_INERROR
 
-
-COUNTERS = (
-    "requests_waited",
-    "connections_opened",
-    "connections_closed",
-    "connect_errors",
-    "timeouts",
-    "broken_discarded",
-    "leaked",
-    "wait_ms_total",
-    "connect_ms_total",
-)
-
 WAIT = "wait"  # what `acquire` tells its caller when the claim got nothing: it is in line
 DONE = "done"  # what `return_fast` says when nothing more is due
 TIDY = "tidy"  # ... when the connection is back but `tidy` must run (waiters, evictions, closed pool)
 
 
-class PoolState:
-    """The bookkeeping of one pool. Every slot is counted exactly once, in one of:
-
-    - `conns`: open connections (idle, lent, being returned), keyed by ``id``, each holding a weak
-      reference to its connection, so that a lent connection garbage collected leaves by itself;
-    - `opening`: slots reserved for connections being opened (by a borrower or a refill);
-    - `closing`: connections dropped and not yet closed: their slot is freed only once they are.
-    """
-
-    def __init__(self, name: str, minconn: int, maxconn: float, idle_timeout: float) -> None:
-        self.name = name
-        self.minconn = minconn
-        self.maxconn = maxconn
-        self.idle_timeout = idle_timeout
-        self.lock = threading.Lock()
-        self.idle: deque[Item] = deque()  # ready to lend, newest on the right (the only strong refs)
-        self.lent: dict[int, ConnInfo] = {}  # id(conn) -> info of the connections lent
-        self.conns: dict[int, ConnInfo] = {}  # id(conn) -> info of every open connection
-        self.collected: deque[ConnRef] = deque()  # weakref callback: connections garbage collected
-        self.leaks: deque[ConnInfo] = deque()  # lent connections garbage collected, not yet reported
-        self.opening = 0  # slots reserved for connects in flight, refills included
-        self.refilling = 0  # of `opening`, those of background refills (never a borrower's)
-        self.returning = 0  # of `conns`, those being cleaned up or checked (state RETURNING): back soon
-        self.closing: set[Connection] = set()  # dropped, being closed; each still holds its slot
-        self.waiters: deque[Waiter] = deque()  # threads queued in getconn, oldest on the left
-        self.closed = False
-        self.keeps_returns = idle_timeout > 0  # a clean return may stay idle: not closed, idle_timeout
-        self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
-        self.evict_at = math.inf  # no idle connection outlives idle_timeout before then (_evict_idle)
-        self.retired_lends = 0  # lends and use time of connections no longer counted in `conns`
-        self.retired_used = 0.0
-
-    def info_of(self, conn: Connection) -> ConnInfo | None:
-        """The info of `conn` if it is one of this pool's open connections (one atomic dict read)."""
-        info = self.conns.get(id(conn))
-        if info is None or info.ref is None or info.ref() is not conn:
-            return None  # not ours (or an id reused after one of ours was garbage collected)
-        return info
+class PoolState(Slots):
+    """The steps of the state machine: lend and return (fast, without the lock; slow, under it),
+    open, close. Fields and shared helpers: `pgpool._slots.Slots`."""
 
     # -- the fast steps: no lock -----------------------------------------------------------------
 
@@ -194,112 +139,6 @@ class PoolState:
 
     # -- helpers called under the lock ---------------------------------------------------------
 
-    def _purge(self) -> None:
-        """Forget connections garbage collected while lent (the collector closed them): their slots
-        are free. `leaks` keeps their info for one WARNING each."""
-        while self.collected:
-            ref = self.collected.pop()
-            info = self.conns.get(ref.key)
-            if info is None or info.ref is not ref:
-                continue
-            del self.conns[ref.key]
-            if self.lent.get(ref.key) is info:
-                del self.lent[ref.key]
-            if info.state is RETURNING:
-                self.returning -= 1
-            self.retired_lends += info.lends
-            self.retired_used += info.used
-            self.counters["leaked"] += 1
-            self.counters["connections_closed"] += 1
-            self.leaks.append(info)
-
-    def _free_slots(self) -> float:
-        return self.maxconn - len(self.conns) - self.opening - len(self.closing)
-
-    def _grant(self) -> None:
-        """Give free slots to the oldest waiters, who then open their own connections."""
-        while self.waiters and self._free_slots() > 0:
-            waiter = self.waiters.popleft()
-            self.opening += 1
-            self.counters["requests_waited"] += 1
-            self.counters["wait_ms_total"] += (time.monotonic() - waiter.since) * 1000
-            waiter.may_connect = True
-            waiter.signal.release()  # last: once released, the waiter owns the slot
-
-    def _serve(self, conn: Connection, info: ConnInfo, now: float, item: Item | None = None) -> None:
-        """Hand `conn` to the oldest waiter, taking it out of the line (the wake-up comes last).
-
-        With `item`, the connection is taken from the idle list first, unless a fast lender took it.
-        """
-        if item is not None:
-            try:
-                self.idle.remove(item)
-            except ValueError:
-                return
-        waiter = self.waiters.popleft()
-        self.counters["requests_waited"] += 1
-        self.counters["wait_ms_total"] += (time.monotonic() - waiter.since) * 1000
-        if info.state is RETURNING:
-            self.returning -= 1  # every change of state away from RETURNING counts it down
-        info.state = LENT
-        info.lease += 1
-        info.lends += 1
-        info.borrowed_at = now
-        self.lent[id(conn)] = info
-        waiter.info = info
-        waiter.conn = conn
-        waiter.signal.release()  # last: an asynchronous exception after it loses nothing
-
-    def _drain(self, now: float) -> None:
-        """Hand idle connections to waiters (a fast return and a waiter crossed: see the module)."""
-        while self.waiters:
-            try:
-                item = self.idle[-1]
-            except IndexError:
-                return
-            self._serve(item[0], item[1], now, item)
-
-    def _drop(self, conn: Connection, info: ConnInfo, reason: str, to_close: ToClose, item: Item | None = None) -> None:
-        """Move a connection from `conns` to `closing`, for the caller to close.
-
-        With `item`, an idle connection: taken from the idle list here, first (a caller that did so
-        itself would lose it to an interrupt landing on this method's entry), unless a fast lender
-        took it meanwhile, which then keeps it.
-        """
-        if item is not None:
-            try:
-                self.idle.remove(item)
-            except ValueError:
-                return
-        key = id(conn)
-        if self.conns.get(key) is info:
-            del self.conns[key]
-        if self.lent.get(key) is info:
-            del self.lent[key]
-        if info.state is RETURNING:
-            self.returning -= 1
-        info.state = CLOSING
-        self.retired_lends += info.lends
-        self.retired_used += info.used
-        self.closing.add(conn)
-        to_close.append((conn, reason))
-
-    def _evict_idle(self, now: float, to_close: ToClose) -> None:
-        """Drop idle connections older than idle_timeout (oldest first), never below minconn."""
-        idle = self.idle
-        # Until a connection newer than the oldest idle one outlives idle_timeout, fast returns need
-        # not call again (connections joining the idle list later are newer still).
-        self.evict_at = now + self.idle_timeout
-        while idle and len(self.conns) + self.opening > self.minconn:
-            try:
-                item = idle[0]
-            except IndexError:
-                return
-            if now - item[1].returned_at <= self.idle_timeout:
-                self.evict_at = item[1].returned_at + self.idle_timeout
-                return
-            self._drop(item[0], item[1], "idle_timeout reached", to_close, item)
-
     # -- lending -------------------------------------------------------------------------------
 
     def acquire(self, claim: Claim, now: float, can_wait: bool) -> str | None:
@@ -364,59 +203,6 @@ class PoolState:
             claim.waiter = waiter
             self._drain(now)  # read after the append: see the module's hand-over rule
             return WAIT
-
-    def recheck_waiter(self, waiter: Waiter, give_up: bool, now: float) -> bool:
-        """After a sleep without a wake-up: grant slots freed by collected leaks; maybe leave the line.
-
-        Returns True when the waiter has been served (whatever `give_up` says: it keeps what it got).
-        """
-        with self.lock:
-            self._purge()
-            self._drain(now)
-            self._grant()
-            if waiter.conn is not None or waiter.may_connect or waiter.error is not None:
-                return True
-            if waiter not in self.waiters:
-                self.waiters.appendleft(waiter)  # taken out of line by a serve an exception cut short
-            if give_up:
-                self.waiters.remove(waiter)
-                self.counters["timeouts"] += 1
-                self.counters["wait_ms_total"] += (now - waiter.since) * 1000
-            return False
-
-    def collect(self, claim: Claim) -> None:
-        """Move what the claim's waiter was served into the claim (raises the error it was served)."""
-        waiter = claim.waiter
-        assert waiter is not None
-        # No lock: whoever served the waiter took it out of the line, wrote its outcome, then woke
-        # it (the lock release orders the writes before this read); nobody else touches it since.
-        if waiter.conn is not None:
-            claim.info = waiter.info
-            claim.conn = waiter.conn
-        elif waiter.may_connect:
-            claim.slot = True
-        waiter.conn = None
-        waiter.may_connect = False
-        claim.waiter = None
-        if waiter.error is not None:
-            raise waiter.error
-
-    def leave_line(self, claim: Claim) -> None:
-        """A waiter gives up (interrupted, failed): out of the line; what it was served goes to the claim."""
-        waiter = claim.waiter
-        if waiter is None:
-            return
-        with self.lock:
-            if waiter.conn is not None:
-                claim.info = waiter.info
-                claim.conn = waiter.conn
-            elif waiter.may_connect:
-                claim.slot = True
-            elif waiter.error is None and waiter in self.waiters:
-                self.waiters.remove(waiter)
-            waiter.conn = None
-            waiter.may_connect = False
-            claim.waiter = None
 
     # -- opening and closing -------------------------------------------------------------------
 
@@ -598,119 +384,3 @@ class PoolState:
                 self._evict_idle(now, to_close)
 
     # -- whole pool ----------------------------------------------------------------------------
-
-    def _drop_all_idle(self, reason: str, to_close: ToClose) -> None:
-        while self.idle:
-            try:
-                item = self.idle[0]
-            except IndexError:
-                return
-            self._drop(item[0], item[1], reason, to_close, item)
-
-    def take_idle(self, to_close: ToClose, reason: str) -> None:
-        """Drop every idle connection (clear)."""
-        with self.lock:
-            self._drop_all_idle(reason, to_close)
-
-    def close(self, to_close: ToClose) -> bool:
-        """Mark the pool closed, drop the idle connections, fail the waiters; False if it already was.
-
-        Idempotent: called again after an interrupt, it drops what an earlier call left idle."""
-        with self.lock:
-            first = not self.closed
-            self.closed = True
-            self.keeps_returns = False
-            self._drop_all_idle("pool closed", to_close)
-            while self.waiters:
-                waiter = self.waiters.popleft()
-                waiter.error = PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
-                waiter.signal.release()
-            return first
-
-    def housekeeping_drops(self, now: float, max_lifetime: bool, to_close: ToClose) -> None:
-        """Evict idle connections past idle_timeout or max_lifetime; serve and grant waiters."""
-        with self.lock:
-            self._purge()
-            self._drain(now)
-            if self.idle_timeout:
-                self._evict_idle(now, to_close)
-            if max_lifetime:
-                for item in list(self.idle):
-                    if now >= item[1].expires:
-                        self._drop(item[0], item[1], "max_lifetime reached", to_close, item)
-            self._grant()
-
-    def take_signalled(self, conns: list[Connection]) -> list[tuple[Connection, ConnInfo]]:
-        """Take these idle connections out of the idle list for a check (state RETURNING)."""
-        taken = []
-        with self.lock:
-            for item in list(self.idle):
-                if item[0] in conns:
-                    try:
-                        self.idle.remove(item)
-                    except ValueError:
-                        continue  # lent meanwhile: its borrower's probe looks at it
-                    info = item[1]
-                    info.state = RETURNING
-                    self.returning += 1
-                    info.lease += 1
-                    taken.append(item)
-        return taken
-
-    def take_leaks(self) -> list[ConnInfo]:
-        """The infos of lent connections garbage collected since the last call (each reported once)."""
-        with self.lock:
-            self._purge()
-            leaks = list(self.leaks)
-            self.leaks.clear()
-            return leaks
-
-    def idle_snapshot(self) -> list[Connection]:
-        return [conn for conn, _ in self.idle.copy()]  # deque.copy: atomic
-
-    def lent_infos(self) -> list[ConnInfo]:
-        with self.lock:
-            self._purge()
-            return list(self.lent.copy().values())  # dict.copy: atomic
-
-    def lent_connections(self) -> list[Connection]:
-        refs = [info.ref for info in self.lent.copy().values()]
-        return [conn for conn in (ref() for ref in refs if ref is not None) if conn is not None]
-
-    def counts(self) -> dict[str, Any]:
-        with self.lock:
-            self._purge()
-            idle = len(self.idle)
-            infos = list(self.conns.values())
-            return {
-                "idle": idle,
-                "in_use": len(self.conns) - idle,
-                "opening": self.opening,
-                "closing": len(self.closing),
-                "waiting": len(self.waiters),
-                "checkouts": self.retired_lends + sum(info.lends for info in infos),
-                "usage_ms_total": int((self.retired_used + sum(info.used for info in infos)) * 1000),
-                **{key: int(value) for key, value in self.counters.items()},
-            }
-
-    def count(self, counter: str, amount: int = 1) -> None:
-        with self.lock:
-            self.counters[counter] += amount
-
-    def reset_after_fork(self) -> list[Connection]:
-        """In a forked child: start from zero; return the inherited connections (to disown, not close)."""
-        inherited = [conn for conn in (info.ref() for info in self.conns.values() if info.ref) if conn is not None]
-        inherited.extend(self.closing)
-        self.lock = threading.Lock()
-        self.idle.clear()
-        self.conns.clear()
-        self.lent.clear()
-        self.collected.clear()
-        self.opening = self.refilling = self.returning = 0
-        self.closing = set()
-        self.waiters.clear()
-        self.leaks.clear()
-        self.counters = dict.fromkeys(COUNTERS, 0.0)  # the child's own story starts here
-        self.retired_lends = 0
-        self.retired_used = 0.0
-        return inherited

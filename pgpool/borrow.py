@@ -136,7 +136,7 @@ class ConnectionBorrow(Generic[C]):
         except BaseException:
             pool._return(conn, lease)
             raise
-        return conn
+        return conn  # type: ignore[return-value]  # opened by connection_factory (no cast(): a call)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

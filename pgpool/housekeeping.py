@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .pool import ConnectionPool
+    from ._maintenance import Maintenance
 
 logger = logging.getLogger("pgpool")
 
@@ -24,7 +24,7 @@ _JOIN_TIMEOUT = 5.0
 class Housekeeper:
     """Runs ``pool._housekeep()`` periodically in a daemon thread."""
 
-    def __init__(self, pool: ConnectionPool[Any]) -> None:
+    def __init__(self, pool: Maintenance) -> None:
         self._pool = weakref.ref(pool)
         self._name = pool.name
         self._stop = threading.Event()
@@ -67,7 +67,7 @@ class Housekeeper:
                 pass  # never started (its start was interrupted): nothing to wait for
 
 
-def _run(pool_ref: weakref.ref[ConnectionPool[Any]], stop: threading.Event, wake: threading.Event) -> None:
+def _run(pool_ref: weakref.ref[Maintenance], stop: threading.Event, wake: threading.Event) -> None:
     delay = 0.0
     while True:
         try:

@@ -1,0 +1,243 @@
+"""What every part of a pool shares: its fields, opening connections in reserved slots (with the
+minconn refills and the retries of a starting server), closing dropped ones, and telling listeners.
+
+`PoolCore` is the base of the parts of `ConnectionPool` (`pgpool._lending`, `pgpool._returning`,
+`pgpool._maintenance`) and declares the fields they share; `ConnectionPool.__init__` sets them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+
+from ._connect import Connector, backoff, retryable
+from ._records import Claim
+from ._state import PoolState
+from .borrow import Borrow
+from .errors import PoolTimeout
+from .housekeeping import Housekeeper
+
+Connection = psycopg2.extensions.connection
+logger = logging.getLogger("pgpool")
+
+Hook = Callable[[Any], Any]
+
+_TRANSIENT_WAIT = 30.0  # without a timeout, the longest wait for a slot held by a refill or a close
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+class PoolCore:
+    """The fields and helpers shared by the parts of a pool. State changes go through `_state`."""
+
+    _can_wait = False  # getconn may wait (ThreadSafeConnectionPool)
+    _refill_in_background = False  # minconn is restored by the housekeeper, not inside putconn
+
+    name: str
+    timeout: float  # the default wait of getconn, in seconds
+    check: Hook | None
+    configure: Hook | None
+    reset: Hook | None
+    max_lifetime: float | None
+    leak_timeout: float | None
+    _state: PoolState  # idle, lent, opening, closing, waiting: every change goes through it
+    _connector: Connector  # opens connections with the pool's settings
+    _housekeeper: Housekeeper
+    _borrow: ContextVar[Borrow | None]  # the borrow in progress in this context (pgpool.borrow)
+    _keys: dict[Any, Any]  # psycopg2.pool's getconn(key): key -> its connection
+    _listener: Any  # a metrics listener (pgpool.otel), told of lends, returns, timeouts
+    _fast_lend: bool  # getconn may try PoolState.lend_fast (see _update_fast)
+    _fast_return: bool  # putconn may try PoolState.return_fast
+
+    def _checked_timeout(self, timeout: float) -> float:
+        """Validate a timeout, the pool's or a call's."""
+        if not is_number(timeout) or not timeout >= 0:
+            raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r} (pool {self.name!r})")
+        if timeout > 0 and not self._can_wait:
+            raise ValueError(
+                f"timeout must be 0 for a {type(self).__name__} (pool {self.name!r}): in one thread "
+                "nobody can return a connection while getconn waits; use ThreadSafeConnectionPool"
+            )
+        return float(timeout)
+
+    @property
+    def _events(self) -> Any:
+        return self._listener
+
+    @_events.setter
+    def _events(self, listener: Any) -> None:
+        self._listener = listener
+        self._update_fast()
+
+    def _update_fast(self) -> None:
+        """Decide once whether the fast paths apply: not with hooks or listeners to call, nor before
+        the housekeeper runs (the slow path starts it)."""
+        plain = self._listener is None
+        self._fast_lend = plain and self.check is None and self.leak_timeout is None and self._housekeeper.started
+        self._fast_return = plain and self.reset is None
+
+    def _open(self, claim: Claim) -> None:
+        """Open a connection in the claim's slot (see `Connector.open`) and tell the metrics listener."""
+        self._connector.open(claim)
+        if self._events is not None:
+            self._emit("opened", claim.connect_seconds)
+
+    def _note_connect_error(self, exc: BaseException, attempt: int, first: BaseException | None) -> BaseException:
+        """Log the first connect failure of a getconn at WARNING; later ones (retries) at DEBUG."""
+        text = self._connector.redact(str(exc).strip())
+        if first is None:
+            logger.warning("pool %r: connect failed: %s", self.name, text)
+            return exc
+        logger.debug("pool %r: connect attempt %d failed: %s", self.name, attempt, text)
+        return first
+
+    def _emit(self, event: str, *args: Any) -> None:
+        """Tell the metrics listener; a listener that fails is logged, never breaks the pool."""
+        try:
+            getattr(self._events, event)(self, *args)
+        except Exception:
+            logger.warning("pool %r: the metrics listener failed on %s", self.name, event, exc_info=True)
+
+    def _give_up(self, wait: float, error: BaseException, attempts: int) -> PoolTimeout:
+        """The PoolTimeout that ends a series of failed connects, which one INFO record sums up
+        (the first failure was a WARNING, the retries DEBUG; the timeout itself is raised, not logged)."""
+        self._count_timeout()
+        logger.info("pool %r: giving up after %d failed connect attempts in %.2f sec", self.name, attempts, wait)
+        return PoolTimeout(self._timeout_message(wait, error))
+
+    def _count_timeout(self) -> None:
+        self._state.count("timeouts")
+        if self._events is not None:
+            self._emit("timed_out")
+
+    def _timeout_message(self, wait: float, error: BaseException | None) -> str:
+        counts = self._state.counts()
+        waited = f"after {wait:.2f} sec" if wait > 0 else f"after {_TRANSIENT_WAIT} sec waiting for a refill or close"
+        msg = (
+            f"couldn't get a connection from pool {self.name!r} {waited} "
+            f"(maxconn={self._state.maxconn}, {counts['in_use']} in use)"
+        )
+        if error is not None:
+            what = "connect error" if retryable(error) else "error"
+            msg += f"; last {what}: {self._connector.redact(str(error).strip())}"
+        return msg
+
+    def _after_drop(self) -> None:
+        """Reopen connections up to minconn: here, as psycopg2_pool does, or in the background."""
+        if self._refill_in_background:
+            self._kick_housekeeper()
+        else:
+            self._refill()
+
+    def _kick_housekeeper(self) -> None:
+        """Have the housekeeper run a round now (refill minconn), starting it if nobody borrowed yet."""
+        if not self._housekeeper.started and not self._state.closed:
+            self._housekeeper.start()
+        self._housekeeper.kick()
+
+    def _close_dropped(self, to_close: list[tuple[Connection, str]], keep_slot_for: Claim | None = None) -> None:
+        """Close dropped connections, each slot freed only once its connection is closed.
+
+        Consumes `to_close` from the end, so that a call cut short can be called again to finish.
+        """
+        state = self._state
+        while to_close:
+            conn, reason = to_close[-1]
+            try:
+                conn.close()
+            except Exception:
+                pass
+            # Logged before the slot is freed: a slow handler delays the next connect, never lets the
+            # server see more than maxconn sessions.
+            logger.info("pool %r: closing connection: %s", self.name, reason)
+            state.closed_one(conn, keep_slot_for)
+            to_close.pop()
+
+    def _refill(self) -> None:
+        """Open connections up to minconn, one at a time; a failure is logged and left for later."""
+        state = self._state
+        while True:
+            claim = Claim()
+            if not state.reserve_refill(claim):
+                return
+            try:
+                self._open(claim)
+                state.adopt(claim, time.monotonic(), lend=False)
+                self._close_dropped(claim.to_close)
+            except BaseException as exc:
+                try:
+                    self._give_back_refill(claim)
+                except BaseException:
+                    self._give_back_refill(claim)
+                    raise
+                if not isinstance(exc, Exception):
+                    raise
+                state.count("connect_errors")
+                logger.warning(
+                    "pool %r: connect failed (reopening a connection for minconn): %s",
+                    self.name,
+                    self._connector.redact(str(exc).strip()),
+                )
+                return
+
+    def _give_back_refill(self, claim: Claim) -> None:
+        state = self._state
+        state.drop_claimed(claim, "refill failed")
+        self._close_dropped(claim.to_close)
+        state.release_slot(claim)
+
+    def _open_minconn_at_start(self) -> None:
+        """Open minconn connections. With a timeout, a failing connect (a server still starting) is
+        retried with backoff until it expires, then `PoolTimeout` chained to the last error; without
+        one, the error propagates at once, as in psycopg2_pool."""
+        state = self._state
+        deadline = time.monotonic() + self.timeout
+        attempt = 0
+        first_error: BaseException | None = None
+        for _ in range(self._state.minconn):
+            while True:
+                claim = Claim()
+                if not state.reserve_refill(claim):
+                    return
+                try:
+                    self._open(claim)
+                    state.adopt(claim, time.monotonic(), lend=False)
+                    break
+                except BaseException as exc:
+                    configuring = claim.new_conn is not None  # connected: configure failed, no retry
+                    try:
+                        self._give_back_refill(claim)
+                    except BaseException:
+                        self._give_back_refill(claim)
+                        raise
+                    if configuring or not retryable(exc) or self.timeout <= 0:
+                        raise
+                    state.count("connect_errors")
+                    attempt += 1
+                    first_error = self._note_connect_error(exc, attempt, first_error)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise self._give_up(self.timeout, exc, attempt) from exc
+                    time.sleep(min(remaining, backoff(attempt - 1)))
+
+    def _report_collected_leaks(self) -> None:
+        """One WARNING per lent connection garbage collected without putconn (its slot is free)."""
+        for info in self._state.take_leaks():
+            where = ""
+            if info.stack is not None:
+                where = "; borrowed at:\n" + "".join(info.stack)
+            logger.warning(
+                "pool %r: a lent connection was garbage collected without putconn: its slot is free again, "
+                "but return connections with putconn or borrow with pool.connection()%s",
+                self.name,
+                where,
+            )

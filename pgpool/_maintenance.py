@@ -1,0 +1,94 @@
+"""What the housekeeper runs, and what a forked child does first: evictions, dead idle connections,
+leak reports, minconn refills; starting afresh after fork."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import psycopg2
+import psycopg2.extensions
+
+from . import _fork, _session
+from ._core import PoolCore
+from .borrow import end_finalized_borrows, finalized
+from .health import socket_readable
+from .housekeeping import Housekeeper
+
+Connection = psycopg2.extensions.connection
+logger = logging.getLogger("pgpool")
+
+_LIFETIME_JITTER = 0.05
+
+
+class Maintenance(PoolCore):
+    """The housekeeping round and the fork handler."""
+
+    def _housekeep(self) -> float | None:
+        """One round of background maintenance; return seconds until the next one (None: stop)."""
+        if self._state.closed:
+            return None
+        if finalized:
+            end_finalized_borrows()
+        now = time.monotonic()
+        to_close: list[tuple[Connection, str]] = []
+        try:
+            self._recheck_signalled_idle(to_close)
+            self._state.housekeeping_drops(now, self.max_lifetime is not None, to_close)
+        finally:
+            self._close_dropped(to_close)
+        self._report_leaks(now)
+        if self._refill_in_background:
+            self._refill()
+        return self._housekeeping_interval()
+
+    def _report_leaks(self, now: float) -> None:
+        self._report_collected_leaks()
+        if self.leak_timeout is None:
+            return
+        for info in self._state.lent_infos():
+            stack = info.stack
+            if stack is not None and now - info.borrowed_at > self.leak_timeout:
+                info.stack = None  # report each borrow once
+                logger.warning(
+                    "pool %r: connection borrowed %.1f sec ago and not returned (leak_timeout=%s); borrowed at:\n%s",
+                    self.name,
+                    now - info.borrowed_at,
+                    self.leak_timeout,
+                    "".join(stack),
+                )
+
+    def _recheck_signalled_idle(self, to_close: list[tuple[Connection, str]]) -> None:
+        """Check for real the idle connections the server sent something to, and drop dead ones.
+
+        So that after a restart or pg_terminate_backend the pool replaces its connections by itself,
+        not only when a borrower happens to pick them. Only a round trip tells a closed connection
+        from a notification; it runs outside the lock, on connections taken out of the idle list.
+        """
+        signalled = [conn for conn in self._state.idle_snapshot() if socket_readable(conn)]
+        if not signalled:
+            return
+        for conn, info in self._state.take_signalled(signalled):
+            reason = _session.lend_problem(conn, info, None, self._connector.redact)
+            if reason is not None:
+                reason = f"broken: {reason} while idle"
+            self._state.finish_return(conn, info, reason, time.monotonic(), to_close)
+
+    def _housekeeping_interval(self) -> float:
+        intervals = [5.0]
+        if self.leak_timeout is not None:
+            intervals.append(max(0.05, min(self.leak_timeout / 4, 0.5)))
+        if self._state.idle_timeout:
+            intervals.append(max(0.05, self._state.idle_timeout / 4))
+        if self.max_lifetime is not None:
+            intervals.append(max(0.05, self.max_lifetime * _LIFETIME_JITTER / 2))
+        return min(intervals)
+
+    def _after_fork_in_child(self) -> None:
+        """Start from zero connections without touching the parent's sessions, and without waiting on
+        any lock a parent thread may have held at fork time."""
+        for conn in self._state.reset_after_fork():
+            _fork.disown(conn)
+        self._keys = {}
+        self._housekeeper = Housekeeper(self)
+        self._update_fast()

@@ -1,0 +1,83 @@
+"""Returning on the slow path: take the connection back (state RETURNING), clean it up outside the
+lock, then keep it, hand it to a waiter or drop it. The fast path is `PoolState.return_fast`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import psycopg2
+import psycopg2.extensions
+
+from . import _session
+from ._core import PoolCore
+from ._records import IDLE, LENT, RETURNING, ConnInfo
+
+Connection = psycopg2.extensions.connection
+logger = logging.getLogger("pgpool")
+
+
+class Returning(PoolCore):
+    """`putconn`'s slow path."""
+
+    def _return(self, conn: Connection, lease: int | None, close: bool = False) -> None:
+        """Take back `conn`. With a `lease` (internal callers), idempotent: a borrow that ended already,
+        or whose return was cut short by an interrupt, is finished or left alone, never refused."""
+        state = self._state
+        now = time.monotonic()
+        to_close: list[tuple[Connection, str]] = []
+        if lease is not None:
+            known = state.info_of(conn)
+            if known is None or known.lease != lease:
+                return
+            if known.state is RETURNING:
+                self._abort_return(conn, known, to_close)  # an earlier return was interrupted
+                return
+            if known.state is IDLE:
+                self._tidy()  # an earlier fast return got this far: finish what it left due
+                return
+            if known.state is not LENT:
+                return  # an earlier return got this far before the interrupt: done
+        if self._events is not None:
+            held = state.info_of(conn)
+            if held is not None and held.state is LENT:
+                self._emit("returned", now - held.borrowed_at)
+        info: ConnInfo | None = None
+        try:
+            info = state.begin_return(conn, now, lease)  # PoolError: refused, nothing changed
+            reason = _session.return_problem(conn, close)
+            if reason is None:
+                reason = _session.clean_returned(conn, info, self.reset, self.configure, self._connector.redact)
+                if reason is not None and reason.startswith("reset failed"):
+                    logger.warning("pool %r: %s; connection discarded", self.name, reason)
+            state.finish_return(conn, info, reason, time.monotonic(), to_close)
+            if to_close:
+                self._close_dropped(to_close)
+                self._after_drop()
+        except BaseException:
+            try:
+                self._abort_return(conn, info, to_close)
+            except BaseException:
+                self._abort_return(conn, info, to_close)  # an interrupt on its entry: it is idempotent
+                raise
+            raise
+
+    def _tidy(self) -> None:
+        """What a fast return left due: serve waiters, close evicted connections (see `PoolState.tidy`)."""
+        to_close: list[tuple[Connection, str]] = []
+        try:
+            self._state.tidy(time.monotonic(), to_close)
+            if to_close:
+                self._close_dropped(to_close)
+                self._after_drop()
+        except BaseException:
+            self._close_dropped(to_close)  # consumes what is left, so safe after a partial run
+            raise
+
+    def _abort_return(self, conn: Connection, info: ConnInfo | None, to_close: list[tuple[Connection, str]]) -> None:
+        """Finish a return that was cut short: a connection being cleaned up is dropped (its cleanup
+        may be half done), and whatever was dropped meanwhile (evictions) is closed. Idempotent."""
+        if info is not None:
+            self._state.finish_return(conn, info, "cleanup interrupted", time.monotonic(), to_close)
+        self._close_dropped(to_close)
