@@ -66,10 +66,8 @@ def thread_token() -> object:
 
 
 class Borrow:
-    """A connection borrowed by one thread, joined by that thread's nested borrows while it is open.
-
-    No ``__init__``: creating one makes no Python call, so nothing can interrupt it half made.
-    """
+    """A connection borrowed by one thread, joined by that thread's nested borrows while it is open
+    (the fields of a `ConnectionBorrow` that the pool's ContextVar exposes to nested borrows)."""
 
     __slots__ = ("conn", "generation", "in_transaction", "thread")
 
@@ -96,16 +94,19 @@ def joinable(pool: ConnectionPool[Any]) -> Borrow | None:
     return None
 
 
-class ConnectionBorrow(Generic[C]):
-    """``with pool.connection() as conn``: a class, not a generator, to keep the borrow cheap."""
+class ConnectionBorrow(Borrow, Generic[C]):
+    """``with pool.connection() as conn``: a class, not a generator, to keep the borrow cheap.
 
-    __slots__ = ("_borrow", "_join", "_joined", "_lease", "_pool", "_timeout", "_token")
+    While its own borrow is open, it is the `Borrow` that the pool's ContextVar holds.
+    """
+
+    __slots__ = ("_join", "_joined", "_lease", "_pool", "_timeout", "_token")
 
     def __init__(self, pool: ConnectionPool[C], timeout: float | None = None, join: bool = True) -> None:
         self._pool = pool
         self._timeout = timeout
         self._join = join  # False: always a borrow of its own (decorated generators)
-        self._borrow: Borrow | None = None  # our own borrow, until it ends
+        self.conn = None  # our own borrow's connection, until it ends
         self._joined: Borrow | None = None  # the outer borrow we joined, if we did
 
     def __enter__(self) -> C:
@@ -125,15 +126,14 @@ class ConnectionBorrow(Generic[C]):
             conn, lease = pool._lend(wait)
         try:
             # No Python call from here to the end of the block: the borrow exists whole or not at all.
-            borrow = Borrow()
-            borrow.conn = conn
-            borrow.thread = _this_thread.token
-            borrow.generation = _fork.generation
-            borrow.in_transaction = False
+            self.thread = _this_thread.token
+            self.generation = _fork.generation
+            self.in_transaction = False
             self._lease = lease
-            self._token = pool._borrow.set(borrow)
-            self._borrow = borrow
+            self.conn = conn
+            self._token = pool._borrow.set(self)
         except BaseException:
+            self.conn = None
             pool._return(conn, lease)
             raise
         return conn  # type: ignore[return-value]  # opened by connection_factory (no cast(): a call)
@@ -141,13 +141,11 @@ class ConnectionBorrow(Generic[C]):
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        borrow = self._borrow
-        if borrow is None:
+        conn = self.conn
+        if conn is None:
             self._joined = None
             return  # joined an outer borrow, or already ended
-        self._borrow = None
-        conn = borrow.conn
-        borrow.conn = None
+        self.conn = None  # ended: never joined again, from any context
         pool = self._pool
         try:
             pool._borrow.reset(self._token)
@@ -155,8 +153,6 @@ class ConnectionBorrow(Generic[C]):
             # Ended in another context (a generator finished in another thread): that context keeps
             # an ended borrow, which nothing joins.
             pass
-        if conn is None:
-            return
         lease = self._lease
         state = pool._state
         conn_id = id(conn)
@@ -215,7 +211,7 @@ class TransactionBorrow(Generic[C]):
         plain = ConnectionBorrow(pool, self._timeout, self._join)
         conn = plain.__enter__()
         try:
-            entry = plain._borrow if plain._borrow is not None else plain._joined
+            entry = plain if plain.conn is not None else plain._joined
             assert entry is not None
             self._plain = plain
             self._entry = entry
