@@ -21,6 +21,7 @@ Connection = psycopg2.extensions.connection
 Hook = Callable[[Connection], Any]
 
 _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+_STATUS_READY = psycopg2.extensions.STATUS_READY
 _STATUS_ACTIVE = psycopg2.extensions.TRANSACTION_STATUS_ACTIVE
 _STATUS_UNKNOWN = psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN
 
@@ -82,8 +83,11 @@ def clean_returned(
     the client encoding as they were after `configure`, and clears notices and notifications.
     """
     try:
-        if conn.get_transaction_status() != _STATUS_IDLE:
+        if conn.get_transaction_status() != _STATUS_IDLE or conn.status != _STATUS_READY:
             conn.rollback()
+        if conn.get_transaction_status() != _STATUS_IDLE:
+            # BEGIN run in SQL under autocommit: psycopg2's rollback() knows of no transaction.
+            return "left in a transaction psycopg2 did not open (BEGIN in SQL under autocommit)"
         if reset is not None:
             reset(conn)
             if conn.get_transaction_status() != _STATUS_IDLE:

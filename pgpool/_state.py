@@ -64,7 +64,7 @@ class PoolState(Slots):
         if (
             self.waiters  # threads in line came first: the slow path serves them in order
             or conn.closed
-            or conn.status != _STATUS_READY
+            or conn.get_transaction_status() != _STATUS_IDLE  # the server's word (see return_fast)
             or now >= info.expires
             or (self.idle_timeout and now - info.returned_at > self.idle_timeout)
             or (probe_due and info.probe.poll(0))  # the server sent something: look closer
@@ -118,9 +118,15 @@ class PoolState(Slots):
                 self.lent[key] = info  # (an interrupt) the caller's retry finishes the return
                 raise
             info.probed_at = now  # the round trip just made says as much as a probe would
-            if conn.notices:  # the rollback said something (a warning): the slow path clears it
+            # What the round trip brought (a warning, notifications), or a transaction psycopg2 does
+            # not know of (BEGIN in SQL under autocommit: its rollback() then sends nothing): the
+            # slow path clears it, or discards the connection.
+            if conn.notices or conn.notifies or conn.get_transaction_status() != _STATUS_IDLE:
                 self.lent[key] = info
                 return None
+        elif conn.status != _STATUS_READY:
+            self.lent[key] = info  # psycopg2 believes a transaction open that the server ended
+            return None
         # The encoding, changed by set_client_encoding or in SQL ("SET client_encoding", which
         # psycopg2 does not see, and which the rollback may have undone): libpq follows both.
         if (PQclientEncoding(conn.pgconn_ptr) if PQclientEncoding else client_encoding(conn)) != info.encoding_id:
@@ -137,8 +143,6 @@ class PoolState(Slots):
             return TIDY  # an idle connection may have outlived idle_timeout
         return DONE
 
-    # -- helpers called under the lock ---------------------------------------------------------
-
     # -- lending -------------------------------------------------------------------------------
 
     def acquire(self, claim: Claim, now: float, can_wait: bool) -> str | None:
@@ -151,6 +155,8 @@ class PoolState(Slots):
         with self.lock:
             self._purge()
             if self.closed:
+                # A fast lender may have put a connection back after close() emptied the idle list.
+                self._drop_all_idle("pool closed", claim.to_close)
                 raise PoolClosed(f"pool {self.name!r} is closed")
             self._drain(now)
             idle = self.idle

@@ -228,11 +228,11 @@ class ConnectionPool(Lending, Returning, Maintenance, Generic[C]):
 
         `key`, as in ``psycopg2.pool``: the same key gets the same connection until it is put back.
         """
+        wait = self.timeout if timeout is None else self._checked_timeout(timeout)  # first: a bad one raises
         if key is None and self._fast_lend and not finalized:
             item = self._state.lend_fast(_monotonic())
             if item is not None:
                 return item[0]  # type: ignore[return-value]  # opened by connection_factory
-        wait = self.timeout if timeout is None else self._checked_timeout(timeout)
         if key is not None:
             return self._getconn_keyed(key, wait)
         return self._lend(wait)[0]  # type: ignore[return-value]  # opened by connection_factory
@@ -263,7 +263,7 @@ class ConnectionPool(Lending, Returning, Maintenance, Generic[C]):
         state = self._state
         conn_id = id(conn)
         info = state.lent.get(conn_id)  # one atomic dict read
-        if info is not None and close is False and key is None and self._fast_return:
+        if info is not None and close is False and key is None and self._fast_return and not self._keys:
             fast_lease = info.lease
             try:
                 done = state.return_fast(conn, conn_id, info, _monotonic())  # type: ignore[arg-type]

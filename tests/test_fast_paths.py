@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import psycopg2
@@ -139,3 +140,71 @@ def test_two_threads_returning_one_connection_at_once_one_is_refused_every_time(
         assert sorted(outcomes) == ["ok", "refused"]
         assert list(warm_pool.idle_connections).count(conn) == 1
     assert warm_pool.stats()["in_use"] == 0
+
+
+# -- found by a hostile review of the fast paths ----------------------------------------------------
+
+
+@pytest.mark.parametrize("pool_cls", [pgpool.ConnectionPool, ThreadSafeConnectionPool])
+def test_a_keyed_connection_returned_without_its_key_is_never_lent_twice(pool_cls, dsn):
+    with pool_cls(minconn=0, maxconn=3, dsn=dsn) as pool:
+        pool.putconn(pool.getconn())
+        keyed = pool.getconn("a")
+        pool.putconn(keyed)  # no key: the pool must forget "a" all the same
+        plain = pool.getconn()
+        again = pool.getconn("a")
+        assert plain is not again
+        pool.putconn(plain)
+        pool.putconn(again, "a")
+
+
+@pytest.mark.parametrize("configure", [None, lambda conn: setattr(conn, "autocommit", True)])
+def test_a_transaction_begun_in_sql_under_autocommit_never_reaches_the_next_borrower(dsn, admin, configure):
+    """psycopg2's rollback() sends nothing when it believes no transaction is open."""
+    with admin.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS fast_sql_begin (v int)")
+        cur.execute("TRUNCATE fast_sql_begin")
+    with ThreadSafeConnectionPool(minconn=1, maxconn=3, dsn=dsn, configure=configure) as pool:
+        pool.putconn(pool.getconn())
+        conn = pool.getconn()
+        was = conn.autocommit
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("BEGIN")
+            cur.execute("INSERT INTO fast_sql_begin VALUES (1)")
+        conn.autocommit = was
+        pool.putconn(conn)
+        nxt = pool.getconn()
+        assert nxt.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        with nxt.cursor() as cur:
+            cur.execute("SELECT 1")
+        nxt.commit()
+        pool.putconn(nxt)
+    with admin.cursor() as cur:
+        cur.execute("SELECT count(*) FROM fast_sql_begin")
+        assert cur.fetchone()[0] == 0
+
+
+def test_notifications_delivered_by_the_returns_rollback_never_reach_the_next_borrower(warm_pool, admin):
+    conn = warm_pool.getconn()
+    with conn.cursor() as cur:
+        cur.execute("LISTEN fast_review")
+    conn.commit()
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")  # a transaction left open: the return rolls it back, and reads the socket
+    with admin.cursor() as cur:
+        cur.execute("NOTIFY fast_review, 'for the listener'")
+    time.sleep(0.05)
+    warm_pool.putconn(conn)
+    nxt = warm_pool.getconn()
+    assert nxt.notifies == []
+    warm_pool.putconn(nxt)
+
+
+def test_a_bad_timeout_is_refused_even_when_a_connection_is_idle(dsn):
+    with pgpool.ConnectionPool(minconn=1, maxconn=2, dsn=dsn) as pool:
+        pool.putconn(pool.getconn())
+        for bad in (5, -1, float("nan"), "soon"):
+            with pytest.raises(ValueError, match="timeout"):
+                pool.getconn(timeout=bad)
+        assert pool.stats()["in_use"] == 0

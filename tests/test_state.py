@@ -268,3 +268,24 @@ def test_threads_lending_and_returning_without_the_lock_lose_nothing_and_lend_no
     assert sorted(id(c) for c, _ in state.idle) == sorted(id(c) for c in conns)
     assert all(info.state is IDLE for _, info in state.idle) and not state.lent and not state.waiters
     assert state.counts()["checkouts"] == 8 * rounds
+
+
+def test_a_connection_a_fast_lender_puts_back_after_close_is_dropped_by_the_next_slow_step():
+    """close() empties the idle list while a fast lender holds a popped entry; the lender's probe
+    finds the socket signalled and puts the entry back: the slow step that follows must drop it."""
+    state = new_state()
+    conn = opened(state)
+    info = state.idle[0][1]
+
+    class ClosingProbe:
+        def poll(self, timeout: int) -> list[tuple[int, int]]:
+            state.close([])  # another thread closes the pool meanwhile
+            return [(conn.fileno(), 1)]  # ... and the server said something
+
+    info.probe = ClosingProbe()  # type: ignore[assignment]
+    info.probed_at -= 1
+    assert state.lend_fast(time.monotonic()) is None and len(state.idle) == 1
+    claim = Claim()
+    with pytest.raises(PoolClosed):
+        state.acquire(claim, time.monotonic(), can_wait=True)
+    assert [c for c, _ in claim.to_close] == [conn] and not state.idle
