@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import statistics
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -75,9 +76,19 @@ TARGETS = [
 ]
 
 
+def paired(mine: list[float] | None, theirs: list[float] | None, fallback: float) -> float:
+    """The median of the ratios of measurements taken side by side (round by round), which this
+    drifting machine's speed changes cancel out of; `fallback` when the runs were not recorded."""
+    if not mine or not theirs or len(mine) != len(theirs):
+        return fallback
+    return statistics.median(a / b for a, b in zip(mine, theirs, strict=True))
+
+
 def target_ratios(results: dict[str, Any]) -> list[tuple[float, str]]:
-    """The measured ratio of each target in TARGETS, with the numbers it comes from."""
+    """The measured ratio of each target in TARGETS, with the numbers it comes from (medians; the
+    ratio itself is the median of the round-by-round ratios where those were recorded)."""
     ov = results["overhead"]
+    ov_runs = results.get("overhead_runs") or {}
     lean = ov["psycopg2.pool"][0]
     cont = results["contention"]
 
@@ -85,16 +96,26 @@ def target_ratios(results: dict[str, Any]) -> list[tuple[float, str]]:
         v = (cont.get(key) or {}).get(name)
         return v[metric][0] if v else float("nan")
 
-    out = [(ov[PGPOOL][0] / lean, f"{ov[PGPOOL][0]:.2f} vs {lean:.2f} µs")]
+    def runs(key: str, name: str) -> list[float] | None:
+        v = (cont.get(key) or {}).get(name)
+        return v.get("ops_runs") if v else None
+
+    mine = ov[PGPOOL][0]
+    out = [(paired(ov_runs.get(PGPOOL), ov_runs.get("psycopg2.pool"), mine / lean), f"{mine:.2f} vs {lean:.2f} µs")]
     me, ideal = cell("T=8, M=8", PGPOOL, "ops_per_s"), cell("T=8, M=8", IDEAL, "ops_per_s")
-    out.append((me / ideal, f"{me:,.0f} vs {ideal:,.0f} ops/s"))
+    out.append(
+        (paired(runs("T=8, M=8", PGPOOL), runs("T=8, M=8", IDEAL), me / ideal), f"{me:,.0f} vs {ideal:,.0f} ops/s")
+    )
     me, peer = cell("T=32, M=8", PGPOOL, "ops_per_s"), cell("T=32, M=8", SQLA, "ops_per_s")
-    out.append((me / peer, f"{me:,.0f} vs {peer:,.0f} ops/s"))
+    out.append(
+        (paired(runs("T=32, M=8", PGPOOL), runs("T=32, M=8", SQLA), me / peer), f"{me:,.0f} vs {peer:,.0f} ops/s")
+    )
     for key in ("T=32, M=8", "T=64, M=16"):
         me, peer = cell(key, PGPOOL, "max_ms"), cell(key, SQLA, "max_ms")
         out.append((me / peer, f"{me:.1f} vs {peer:.1f} ms"))
     block = ov.get("pgpool with-block", (float("nan"),))[0]
-    out.append((block / lean, f"{block:.2f} vs {lean:.2f} µs"))
+    ratio = paired(ov_runs.get("pgpool with-block"), ov_runs.get("psycopg2.pool"), block / lean)
+    out.append((ratio, f"{block:.2f} vs {lean:.2f} µs"))
     return out
 
 

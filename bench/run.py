@@ -44,6 +44,8 @@ class Settings:
     recovery_peers: bool  # the peers too, not only pgpool's two configurations
 
 
+OVERHEAD_RUNS: dict[str, list[float]] = {}  # the last overhead(): each pool's rounds, in order
+
 CONTENTION = [(8, 8), (32, 8), (64, 16)]
 FULL = Settings(5, 20000, 3000, 3.0, CONTENTION, [(8, 8)], 32, 5, 0.05, 1.5, 3.0, True)
 QUICK = Settings(2, 5000, 800, 0.6, CONTENTION, [(8, 8)], 32, 1, 0.05, 0.8, 1.5, False)
@@ -90,6 +92,7 @@ def main(argv: list[str]) -> int:
 def run_all(dsn: str, server: EmbeddedPostgres | None, s: Settings) -> dict[str, Any]:
     results: dict[str, Any] = {}
     results["overhead"] = overhead(dsn, s)
+    results["overhead_runs"] = dict(OVERHEAD_RUNS)  # round by round, for the paired verdicts
     results["one_query"] = one_query(dsn, s)
     results["contention"] = contention(
         dsn, s, s.contention, scenarios.query, "3/6 contention (T threads, M connections)"
@@ -108,17 +111,32 @@ def run_all(dsn: str, server: EmbeddedPostgres | None, s: Settings) -> dict[str,
 
 
 def overhead(dsn: str, s: Settings) -> dict[str, tuple[float, float, float]]:
-    out = {}
+    """Microseconds per borrow + return, every pool measured in turn, round after round.
+
+    This machine's speed drifts by tens of percent within seconds (a shared VM): measuring one pool
+    after the other would compare them at different speeds. Interleaved short rounds put every pool
+    through the same drift; the median of the rounds is reported."""
     kinds = [*ALL, PgPoolWithBlock, PgPoolInstrumented]
-    for make in tqdm(kinds, desc="1/6 overhead (us per getconn+putconn)", leave=True):
+    pools = []
+    for make in kinds:
         pool = make(dsn, 1, 4)
         pool.warm(1)
-        with_block = make is PgPoolWithBlock
-        scenarios.overhead_us(pool, s.overhead_cycles // 5, with_block)  # warm up
-        runs = [scenarios.overhead_us(pool, s.overhead_cycles, with_block) for _ in range(s.reps)]
-        pool.close()
-        out[make.name] = scenarios.summary(runs)
-    return out
+        pools.append((make, pool))
+    rounds = s.reps * 5
+    cycles = max(1000, s.overhead_cycles // 5)
+    runs: dict[str, list[float]] = {make.name: [] for make in kinds}
+    try:
+        for make, pool in pools:
+            scenarios.overhead_us(pool, cycles, make is PgPoolWithBlock)  # warm up
+        for _ in tqdm(range(rounds), desc="1/6 overhead (us per getconn+putconn)", leave=True):
+            for make, pool in pools:
+                runs[make.name].append(scenarios.overhead_us(pool, cycles, make is PgPoolWithBlock))
+    finally:
+        for _, pool in pools:
+            pool.close()
+    OVERHEAD_RUNS.clear()
+    OVERHEAD_RUNS.update(runs)
+    return {name: scenarios.summary(values) for name, values in runs.items()}
 
 
 def one_query(dsn: str, s: Settings) -> dict[str, tuple[float, float, float]]:
@@ -138,34 +156,46 @@ def one_query(dsn: str, s: Settings) -> dict[str, tuple[float, float, float]]:
 def contention(
     dsn: str, s: Settings, combos: list[tuple[int, int]], work: scenarios.Work, desc: str
 ) -> dict[str, dict[str, Any]]:
-    """T threads share M connections, each op borrow + `work` + return; the ideal holds one each."""
-    out: dict[str, dict[str, Any]] = {}
-    jobs = [(t, m, make) for t, m in combos for make in [*ALL, None]]
+    """T threads share M connections, each op borrow + `work` + return; the ideal holds one each.
+
+    The repetitions are interleaved (every pool once, then every pool again...), so that a pool and
+    the one it is compared with run seconds apart, not minutes, on this drifting machine; the
+    verdicts compare them repetition by repetition (`ops_runs`)."""
+    makers = [*ALL, None]
+    runs: dict[tuple[str, str], list[scenarios.Load]] = {}
+    jobs = [(t, m, make) for t, m in combos for _ in range(s.reps) for make in makers]
     for threads, maxconn, make in tqdm(jobs, desc=desc, leave=True):
-        key = f"T={threads}, M={maxconn}"
-        row = out.setdefault(key, {})
-        name = make.name if make is not None else "ideal (no pool)"
         if make is not None and not make.can_wait and threads > maxconn:
-            row[name] = None  # cannot wait: it would raise instead
-            continue
-        loads = []
-        for _ in range(s.reps):
-            if make is None:
-                loads.append(scenarios.ideal(dsn, min(threads, maxconn), s.duration, work))
-                continue
+            continue  # cannot wait: it would raise instead
+        name = make.name if make is not None else report.IDEAL
+        if make is None:
+            load = scenarios.ideal(dsn, min(threads, maxconn), s.duration, work)
+        else:
             pool = make(dsn, maxconn, maxconn)
             pool.warm(maxconn)
-            loads.append(scenarios.contention(pool, threads, s.duration, work))
+            load = scenarios.contention(pool, threads, s.duration, work)
             pool.close()
-        row[name] = {
-            "ops_per_s": scenarios.summary([x.ops_per_s for x in loads]),
-            "p50_ms": scenarios.summary([x.percentile_ms(0.50) for x in loads]),
-            "p99_ms": scenarios.summary([x.percentile_ms(0.99) for x in loads]),
-            "max_ms": scenarios.summary([x.max_ms for x in loads]),
-            "fairness": scenarios.summary([x.fairness for x in loads]),
-            "errors": sum(x.errors for x in loads),
-            "distribution": scenarios.distribution(loads),
-        }
+        runs.setdefault((f"T={threads}, M={maxconn}", name), []).append(load)
+    out: dict[str, dict[str, Any]] = {}
+    for threads, maxconn in combos:
+        key = f"T={threads}, M={maxconn}"
+        row = out.setdefault(key, {})
+        for make in makers:
+            name = make.name if make is not None else report.IDEAL
+            loads = runs.get((key, name))
+            if not loads:
+                row[name] = None
+                continue
+            row[name] = {
+                "ops_per_s": scenarios.summary([x.ops_per_s for x in loads]),
+                "ops_runs": [x.ops_per_s for x in loads],
+                "p50_ms": scenarios.summary([x.percentile_ms(0.50) for x in loads]),
+                "p99_ms": scenarios.summary([x.percentile_ms(0.99) for x in loads]),
+                "max_ms": scenarios.summary([x.max_ms for x in loads]),
+                "fairness": scenarios.summary([x.fairness for x in loads]),
+                "errors": sum(x.errors for x in loads),
+                "distribution": scenarios.distribution(loads),
+            }
     return out
 
 

@@ -24,6 +24,8 @@ the caller's `Claim` in the same breath as the mutation.
 
 from __future__ import annotations
 
+import time
+
 import psycopg2
 import psycopg2.extensions
 
@@ -35,6 +37,7 @@ from .errors import PoolClosed, PoolError
 Connection = psycopg2.extensions.connection
 
 _STATUS_READY = psycopg2.extensions.STATUS_READY
+_monotonic = time.monotonic
 _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _STATUS_INTRANS = psycopg2.extensions.TRANSACTION_STATUS_INTRANS
 _STATUS_INERROR = psycopg2.extensions.TRANSACTION_STATUS_INERROR
@@ -117,7 +120,7 @@ class PoolState(Slots):
             except BaseException:
                 self.lent[key] = info  # (an interrupt) the caller's retry finishes the return
                 raise
-            info.probed_at = now  # the round trip just made says as much as a probe would
+            info.probed_at = _monotonic()  # the round trip just made says as much as a probe would
             # What the round trip brought (a warning, notifications), or a transaction psycopg2 does
             # not know of (BEGIN in SQL under autocommit: its rollback() then sends nothing): the
             # slow path clears it, or discards the connection.
