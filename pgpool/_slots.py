@@ -78,21 +78,24 @@ class Slots:
     def _purge(self) -> None:
         """Forget connections garbage collected while lent (the collector closed them): their slots
         are free. `leaks` keeps their info for one WARNING each."""
+        # The entry leaves `collected` only after its connection's entries are gone: `return_fast`
+        # trusts an entry of the lent table to be the very connection it is given while `collected`
+        # is empty. Callbacks append on the right, so this end is read, then popped (popleft).
         while self.collected:
-            ref = self.collected.pop()
+            ref = self.collected[0]
             info = self.conns.get(ref.key)
-            if info is None or info.ref is not ref:
-                continue
-            del self.conns[ref.key]
-            if self.lent.get(ref.key) is info:
-                del self.lent[ref.key]
-            if info.state is RETURNING:
-                self.returning -= 1
-            self.retired_lends += info.lends
-            self.retired_used += info.used
-            self.counters["leaked"] += 1
-            self.counters["connections_closed"] += 1
-            self.leaks.append(info)
+            if info is not None and info.ref is ref:
+                del self.conns[ref.key]
+                if self.lent.get(ref.key) is info:
+                    del self.lent[ref.key]
+                if info.state is RETURNING:
+                    self.returning -= 1
+                self.retired_lends += info.lends
+                self.retired_used += info.used
+                self.counters["leaked"] += 1
+                self.counters["connections_closed"] += 1
+                self.leaks.append(info)
+            self.collected.popleft()
 
     def _free_slots(self) -> float:
         return self.maxconn - len(self.conns) - self.opening - len(self.closing)

@@ -66,8 +66,7 @@ class PoolState(Slots):
         probe_due = now - info.probed_at >= PROBE_INTERVAL
         if (
             self.waiters  # threads in line came first: the slow path serves them in order
-            or conn.closed
-            or conn.get_transaction_status() != _STATUS_IDLE  # the server's word (see return_fast)
+            or conn.get_transaction_status() != _STATUS_IDLE  # the server's word; UNKNOWN once closed
             or now >= info.expires
             or (self.idle_timeout and now - info.returned_at > self.idle_timeout)
             or (probe_due and info.probe.poll(0))  # the server sent something: look closer
@@ -91,14 +90,16 @@ class PoolState(Slots):
         The rollback, when a transaction is open, is the one I/O here: made outside any lock by the
         returning thread, which owns the connection once it took it off the lent table.
         """
+        # A connection garbage collected while lent leaves its entry until the next slow step purges
+        # it, and its id may be another object's by then: until that purge, the slow path. Otherwise
+        # ids are unique among live objects, so the entry is this very connection.
+        if self.collected or not self.keeps_returns or now >= info.expires:
+            return None
         status = conn.get_transaction_status()
         if (
-            info.ref() is not conn  # (set before it entered the lent table) an id reused: not ours
-            or not self.keeps_returns
-            or now >= info.expires
             # Anything else the next borrower would inherit: the slow path cleans it up. Attribute
             # reads and C calls, inline (this is the hottest line of the pool).
-            or (status != _STATUS_IDLE and status != _STATUS_INTRANS and status != _STATUS_INERROR)
+            (status != _STATUS_IDLE and status != _STATUS_INTRANS and status != _STATUS_INERROR)
             or info.sticky
             or conn.autocommit != info.autocommit
             or conn.isolation_level != info.isolation_level
