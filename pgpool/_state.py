@@ -295,9 +295,10 @@ class PoolState(Slots):
             if claim.conn is not None and claim.info is not None:
                 conn, info = claim.conn, claim.info
                 if info.state is LENT:
-                    if broken:
-                        self.counters["broken_discarded"] += 1
                     self._drop(conn, info, reason, claim.to_close)
+                    if broken:  # its check failed before the borrower got it: not a checkout
+                        self.counters["broken_discarded"] += 1
+                        self.retired_lends -= 1
                 claim.conn = claim.info = None
             if claim.new_conn is not None:
                 # Its slot moves from `opening` to `closing`, so that it is freed once it is closed.

@@ -208,3 +208,16 @@ def test_a_bad_timeout_is_refused_even_when_a_connection_is_idle(dsn):
             with pytest.raises(ValueError, match="timeout"):
                 pool.getconn(timeout=bad)
         assert pool.stats()["in_use"] == 0
+
+
+@pytest.mark.parametrize("pool_cls", [pgpool.ConnectionPool, ThreadSafeConnectionPool])
+def test_checkouts_count_only_connections_handed_to_borrowers(pool_cls, dsn, terminate):
+    """A connection found dead before a lend was never lent: it is a discard, not a checkout."""
+    with pool_cls(minconn=1, maxconn=3, dsn=dsn) as pool:
+        conn = pool.getconn()
+        pool.putconn(conn)
+        terminate(conn)
+        time.sleep(0.01)  # past the probe interval
+        pool.putconn(pool.getconn())
+        stats = pool.stats()
+        assert (stats["checkouts"], stats["broken_discarded"]) == (2, 1)
