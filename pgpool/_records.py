@@ -112,7 +112,7 @@ class Waiter:
 class Claim:
     """Everything one `getconn` call holds at a given instant, so that one place can give it back.
 
-    The pool's state fills it under the lock; `ConnectionPool._give_back_claim` empties it when the
+    The pool's state fills it under the lock; `Lending._give_back_claim` (pgpool._lending) empties it when the
     call fails or is interrupted. A field set means "owned by this call", from the very statement
     that set it.
     """

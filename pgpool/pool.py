@@ -98,9 +98,10 @@ class ConnectionPool(Lending, Returning, Maintenance, Generic[C]):
     (this class reopens them inside `putconn`, as ``psycopg2_pool`` does).
 
     Attributes, as in ``psycopg2_pool``: `minconn`, `maxconn`, `idle_timeout`, `connect_kwargs`;
-    `idle_connections` (a deque, the most recently returned on the right: last in, first out);
-    `connections_in_use` (a weak set snapshot of the lent connections); `return_times` (idle
-    connection -> ``time.monotonic()`` of its return). Read them, do not change them.
+    `idle_connections` (a snapshot deque, the most recently returned on the right: last in, first
+    out); `connections_in_use` (a weak set snapshot of the lent connections); `return_times` (a live
+    mapping, idle connection -> ``time.monotonic()`` of its return; setting an entry ages that
+    connection, as psycopg2_pool's own tests do). Read them; changing the snapshots changes nothing.
 
     The pool has a lock even in this single-threaded class, because its housekeeping thread changes
     its state too. This class refuses ``timeout > 0``: with one thread, nobody could return a
