@@ -137,6 +137,14 @@ class PoolState(Slots):
             self.lent[key] = info
             return None
         info.used += now - info.borrowed_at
+        if self.waiters:
+            # Threads in line: the oldest gets it from here, without a stop in the idle list (one
+            # lock, one wake-up: what a borrow costs under contention). Waiters join the line under
+            # this lock, so none is missed; a closed pool takes the path below, which drops it.
+            with self.lock:
+                if self.waiters and not self.closed:
+                    self._serve(conn, info, now)
+                    return DONE
         info.state = IDLE
         info.returned_at = now
         idle = self.idle
@@ -157,13 +165,17 @@ class PoolState(Slots):
         `claim.to_close`. Raises `PoolClosed` on a closed pool.
         """
         with self.lock:
-            self._purge()
+            # Guards rather than calls: under contention this runs between waking a waiter and going
+            # to sleep, while the woken thread waits for the GIL (bench/NOTES.md).
+            if self.collected:
+                self._purge()
             if self.closed:
                 # A fast lender may have put a connection back after close() emptied the idle list.
                 self._drop_all_idle("pool closed", claim.to_close)
                 raise PoolClosed(f"pool {self.name!r} is closed")
-            self._drain(now)
             idle = self.idle
+            if idle and self.waiters:
+                self._drain(now)
             while idle and not self.waiters:
                 try:
                     item = idle[-1]
@@ -211,7 +223,8 @@ class PoolState(Slots):
             waiter = Waiter()
             self.waiters.append(waiter)
             claim.waiter = waiter
-            self._drain(now)  # read after the append: see the module's hand-over rule
+            if idle:  # read after the append: see the module's hand-over rule
+                self._drain(now)
             return WAIT
 
     # -- opening and closing -------------------------------------------------------------------

@@ -108,16 +108,33 @@ def test_a_second_return_and_a_foreign_connection_are_refused_and_change_nothing
     assert len(state.idle) == 1 and state.counts()["in_use"] == 0
 
 
-def test_a_waiter_that_queued_before_a_fast_return_is_handed_the_connection():
+def test_a_fast_return_hands_the_connection_to_the_oldest_waiter_directly():
+    state = new_state(maxconn=1)
+    conn = opened(state, lend=True)
+    first, second = Claim(), Claim()
+    assert state.acquire(first, time.monotonic(), can_wait=True) is WAIT
+    assert state.acquire(second, time.monotonic(), can_wait=True) is WAIT
+    assert give_back(state, conn) is DONE  # served under the lock: nothing left for tidy
+    assert first.waiter is not None and first.waiter.conn is conn
+    assert first.waiter.signal.acquire(timeout=0)  # woken
+    assert second.waiter is not None and second.waiter.conn is None
+    assert not second.waiter.signal.acquire(timeout=0)  # still asleep, first in line now
+    assert not state.idle and state.lent[id(conn)].state is LENT
+    assert list(state.waiters) == [second.waiter]
+
+
+def test_a_fast_return_to_a_closed_pool_with_waiters_leaves_the_connection_to_tidy():
     state = new_state(maxconn=1)
     conn = opened(state, lend=True)
     claim = Claim()
     assert state.acquire(claim, time.monotonic(), can_wait=True) is WAIT
-    assert give_back(state, conn) is TIDY  # appended, then saw the waiter
-    state.tidy(time.monotonic(), [])
-    assert claim.waiter is not None and claim.waiter.conn is conn
-    assert claim.waiter.signal.acquire(timeout=0)  # woken
-    assert not state.idle and state.lent[id(conn)].state is LENT
+    state.closed = True  # as close() would, had the waiter not been in line yet
+    state.keeps_returns = True
+    assert give_back(state, conn) is TIDY
+    to_close: list[tuple[object, str]] = []
+    state.tidy(time.monotonic(), to_close)  # type: ignore[arg-type]
+    assert [c for c, _ in to_close] == [conn]
+    assert claim.waiter is not None and claim.waiter.conn is None
 
 
 def test_a_waiter_queueing_after_a_return_takes_the_idle_connection_itself():
