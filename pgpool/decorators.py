@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, Union
 import psycopg2.extensions
 import wrapt
 
-from .borrow import ConnectionBorrow, TransactionBorrow, finalized, held_by_generators, thread_token
+from .borrow import ConnectionBorrow, TransactionBorrow, connection_borrow, finalized, held_by_generators, thread_token
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -170,7 +170,7 @@ def _call_with_borrow(
     function returned rolls back, since the caller then sees an exception, not a result.
     """
     borrow: ConnectionBorrow[Any] | TransactionBorrow[Any]
-    borrow = TransactionBorrow(pool) if transactional else ConnectionBorrow(pool)
+    borrow = TransactionBorrow(pool) if transactional else connection_borrow(pool)
     conn = borrow.__enter__()
     try:
         result = wrapped(*args, **{**kwargs, argname: conn})
@@ -233,7 +233,7 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
         pool = self._pool
         ctx = contextvars.copy_context()
         borrow: ConnectionBorrow[Any] | TransactionBorrow[Any]
-        borrow = TransactionBorrow(pool, join=False) if self._transactional else ConnectionBorrow(pool, join=False)
+        borrow = TransactionBorrow(pool, join=False) if self._transactional else connection_borrow(pool, join=False)
         self._ctx = ctx
         conn = ctx.run(borrow.__enter__)
         # Owned from here: _finish or close() gives it back; for a generator dropped unfinished, a
