@@ -55,8 +55,11 @@ class PoolState(Slots):
 
     def lend_fast(self, now: float) -> Item | None:
         """Lend the newest idle connection if it needs nothing the slow path does (None: take it)."""
-        if self.collected or self.leaks:
-            return None  # connections garbage collected: the slow path accounts for and reports them
+        # Connections garbage collected: the slow path accounts for and reports them. Threads in
+        # line came first: the slow path serves them in order (one that queues after this read
+        # finds the connection gone from the idle list, and waits for the next return).
+        if self.collected or self.leaks or self.waiters:
+            return None
         idle = self.idle
         try:
             item = idle.pop()  # atomic: the connection is this thread's alone from here
@@ -65,8 +68,7 @@ class PoolState(Slots):
         conn, info = item
         probe_due = now - info.probed_at >= PROBE_INTERVAL
         if (
-            self.waiters  # threads in line came first: the slow path serves them in order
-            or conn.get_transaction_status() != _STATUS_IDLE  # the server's word; UNKNOWN once closed
+            conn.get_transaction_status() != _STATUS_IDLE  # the server's word; UNKNOWN once closed
             or now >= info.expires
             or (self.idle_timeout and now - info.returned_at > self.idle_timeout)
             or (probe_due and info.probe.poll(0))  # the server sent something: look closer
@@ -174,6 +176,14 @@ class PoolState(Slots):
                 self._drop_all_idle("pool closed", claim.to_close)
                 raise PoolClosed(f"pool {self.name!r} is closed")
             idle = self.idle
+            if self.waiters and can_wait:
+                # Threads in line came first: behind them (the way into the line is short, see above).
+                waiter = Waiter()
+                self.waiters.append(waiter)
+                claim.waiter = waiter
+                if idle:  # read after the append: see the module's hand-over rule
+                    self._drain(now)
+                return WAIT
             if idle and self.waiters:
                 self._drain(now)
             while idle and not self.waiters:
