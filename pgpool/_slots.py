@@ -103,18 +103,24 @@ class Slots:
     def _grant(self) -> None:
         """Give free slots to the oldest waiters, who then open their own connections."""
         while self.waiters and self._free_slots() > 0:
+            # The clock first: an asynchronous exception can land after any C call, and after the
+            # popleft the only one left is the wake-up (a waiter taken out of line and not served
+            # puts itself back when it wakes up; a slot reserved for nobody would be lost).
+            now = time.monotonic()
             waiter = self.waiters.popleft()
             self.opening += 1
             self.counters["requests_waited"] += 1
-            self.counters["wait_ms_total"] += (time.monotonic() - waiter.since) * 1000
+            self.counters["wait_ms_total"] += (now - waiter.since) * 1000
             waiter.may_connect = True
             waiter.signal.release()  # last: once released, the waiter owns the slot
 
-    def _serve(self, conn: Connection, info: ConnInfo, now: float, item: Item | None = None) -> None:
+    def _serve(self, conn: Connection, info: ConnInfo, now: float, item: Item | None = None, used: float = 0.0) -> None:
         """Hand `conn` to the oldest waiter, taking it out of the line (the wake-up comes last).
 
         With `item`, the connection is taken from the idle list first, unless a fast lender took it.
+        `used`: the seconds of the borrow it comes back from, when that is not counted yet.
         """
+        key = id(conn)  # C calls before the line changes: see _grant
         if item is not None:
             try:
                 self.idle.remove(item)
@@ -122,14 +128,15 @@ class Slots:
                 return
         waiter = self.waiters.popleft()
         self.counters["requests_waited"] += 1
-        self.counters["wait_ms_total"] += (time.monotonic() - waiter.since) * 1000
+        self.counters["wait_ms_total"] += (now - waiter.since) * 1000
+        info.used += used
         if info.state is RETURNING:
             self.returning -= 1  # every change of state away from RETURNING counts it down
         info.state = LENT
         info.lease += 1
         info.lends += 1
         info.borrowed_at = now
-        self.lent[id(conn)] = info
+        self.lent[key] = info
         waiter.info = info
         waiter.conn = conn
         waiter.signal.release()  # last: an asynchronous exception after it loses nothing

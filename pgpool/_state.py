@@ -138,15 +138,17 @@ class PoolState(Slots):
         if (PQclientEncoding(conn.pgconn_ptr) if PQclientEncoding else client_encoding(conn)) != info.encoding_id:
             self.lent[key] = info
             return None
-        info.used += now - info.borrowed_at
         if self.waiters:
             # Threads in line: the oldest gets it from here, without a stop in the idle list (one
             # lock, one wake-up: what a borrow costs under contention). Waiters join the line under
             # this lock, so none is missed; a closed pool takes the path below, which drops it.
             with self.lock:
                 if self.waiters and not self.closed:
-                    self._serve(conn, info, now)
+                    # The use time is counted inside: an interrupt on _serve's entry changes
+                    # nothing, and the caller's retry counts it once.
+                    self._serve(conn, info, now, used=now - info.borrowed_at)
                     return DONE
+        info.used += now - info.borrowed_at
         info.state = IDLE
         info.returned_at = now
         idle = self.idle

@@ -123,6 +123,54 @@ def test_a_fast_return_hands_the_connection_to_the_oldest_waiter_directly():
     assert list(state.waiters) == [second.waiter]
 
 
+def test_an_interrupt_on_entering_the_hand_over_leaves_the_return_to_the_retry_uncounted(monkeypatch):
+    state = new_state(maxconn=1)
+    conn = opened(state, lend=True)
+    info = state.lent[id(conn)]
+    info.borrowed_at -= 2.0  # lent two seconds ago
+    claim = Claim()
+    assert state.acquire(claim, time.monotonic(), can_wait=True) is WAIT
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt  # as an asynchronous exception on the call's entry
+
+    monkeypatch.setattr(state, "_serve", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        give_back(state, conn)
+    monkeypatch.undo()
+    # Off the lent table and still LENT, as the caller's retry (the slow path, by lease) expects;
+    # its two seconds not counted yet, so that the retry counts them once.
+    assert id(conn) not in state.lent and info.state is LENT and info.used == 0
+    claimed = state.begin_return(conn, time.monotonic(), info.lease)
+    assert 2.0 <= claimed.used < 3.0
+    state.finish_return(conn, claimed, None, time.monotonic(), [])
+    assert claim.waiter is not None and claim.waiter.conn is conn
+    assert state.counts()["usage_ms_total"] // 1000 == 2
+
+
+def test_an_interrupt_while_granting_a_slot_reserves_nothing(monkeypatch):
+    state = new_state(maxconn=1)
+    conn = opened(state, lend=True)
+    claim = Claim()
+    assert state.acquire(claim, time.monotonic(), can_wait=True) is WAIT
+    state.lent.pop(id(conn))
+    with state.lock:
+        state._drop(conn, state.conns[id(conn)], "broken", [])
+    state.closing.discard(conn)  # closed: its slot is free for the waiter
+
+    def interrupted() -> float:
+        raise KeyboardInterrupt  # lands on a C call inside _grant
+
+    monkeypatch.setattr("pgpool._slots.time.monotonic", interrupted)
+    with pytest.raises(KeyboardInterrupt), state.lock:
+        state._grant()
+    monkeypatch.undo()
+    assert state.opening == 0  # no slot held for a waiter that was never told
+    assert claim.waiter is not None and not claim.waiter.may_connect
+    assert state.recheck_waiter(claim.waiter, False, time.monotonic())  # granted on its next look
+    assert claim.waiter.may_connect and state.opening == 1
+
+
 def test_a_fast_return_to_a_closed_pool_with_waiters_leaves_the_connection_to_tidy():
     state = new_state(maxconn=1)
     conn = opened(state, lend=True)
