@@ -22,7 +22,7 @@ from ._core import _TRANSIENT_WAIT, PoolCore
 from ._records import Claim, ConnInfo
 from ._state import WAIT
 from .borrow import end_finalized_borrows, finalized
-from .errors import PoolError, PoolTimeout
+from .errors import PoolClosed, PoolError, PoolTimeout
 
 Connection = psycopg2.extensions.connection
 logger = logging.getLogger("pgpool")
@@ -81,7 +81,7 @@ class Lending(PoolCore):
                         continue
                     if not state.adopt(claim, time.monotonic(), lend=True):
                         self._close_dropped(claim.to_close)
-                        raise PoolError(f"pool {self.name!r} was closed while connecting")
+                        raise PoolClosed(f"pool {self.name!r} was closed while connecting")
                 if claim.conn is None:
                     continue
                 assert claim.info is not None

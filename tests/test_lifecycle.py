@@ -64,6 +64,35 @@ def test_close_fails_the_threads_waiting_for_a_connection(dsn):
     assert held.closed
 
 
+def test_close_fails_the_threads_opening_a_connection_with_pool_closed(dsn, monkeypatch):
+    connecting = threading.Event()
+    real_connect = psycopg2.connect
+
+    def slow_connect(*args: object, **kwargs: object) -> object:
+        connecting.set()
+        time.sleep(0.3)
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(psycopg2, "connect", slow_connect)
+    pool = ThreadSafeConnectionPool(minconn=0, maxconn=2, timeout=5, dsn=dsn)
+    errors: list[BaseException] = []
+
+    def borrow() -> None:
+        try:
+            pool.getconn()
+        except BaseException as exc:
+            errors.append(exc)
+
+    opener = threading.Thread(target=borrow)
+    opener.start()
+    assert connecting.wait(5)
+    pool.close()
+    join_all([opener], timeout=10)
+    assert len(errors) == 1 and isinstance(errors[0], PoolClosed), errors
+    assert "closed while connecting" in str(errors[0])
+    assert pool.stats()["in_use"] == 0 and pool.stats()["opening"] == 0
+
+
 def test_pools_are_context_managers(pool_cls, dsn):
     with pool_cls(minconn=1, dsn=dsn) as pool:
         assert not pool.closed
