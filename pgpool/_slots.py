@@ -114,13 +114,16 @@ class Slots:
             waiter.may_connect = True
             waiter.signal.release()  # last: once released, the waiter owns the slot
 
-    def _serve(self, conn: Connection, info: ConnInfo, now: float, item: Item | None = None, used: float = 0.0) -> None:
+    def _serve(self, conn: Connection, info: ConnInfo, item: Item | None = None, used: float = 0.0) -> None:
         """Hand `conn` to the oldest waiter, taking it out of the line (the wake-up comes last).
 
         With `item`, the connection is taken from the idle list first, unless a fast lender took it.
         `used`: the seconds of the borrow it comes back from, when that is not counted yet.
         """
-        key = id(conn)  # C calls before the line changes: see _grant
+        # C calls before the line changes (see _grant). The clock is read here, not taken from the
+        # caller: a returner's clock predates its rollback, and a waiter may have queued meanwhile.
+        now = time.monotonic()
+        key = id(conn)
         if item is not None:
             try:
                 self.idle.remove(item)
@@ -148,7 +151,7 @@ class Slots:
                 item = self.idle[-1]
             except IndexError:
                 return
-            self._serve(item[0], item[1], now, item)
+            self._serve(item[0], item[1], item)
 
     def _drop(self, conn: Connection, info: ConnInfo, reason: str, to_close: ToClose, item: Item | None = None) -> None:
         """Move a connection from `conns` to `closing`, for the caller to close.

@@ -146,7 +146,7 @@ class PoolState(Slots):
                 if self.waiters and not self.closed:
                     # The use time is counted inside: an interrupt on _serve's entry changes
                     # nothing, and the caller's retry counts it once.
-                    self._serve(conn, info, now, used=now - info.borrowed_at)
+                    self._serve(conn, info, used=now - info.borrowed_at)
                     return DONE
         info.used += now - info.borrowed_at
         info.state = IDLE
@@ -285,7 +285,7 @@ class PoolState(Slots):
             claim.slot = False
             claim.new_conn = claim.new_info = None
             if not lend and claim.conn is not None:
-                self._serve(conn, info, now)
+                self._serve(conn, info)
                 claim.conn = claim.info = None
             return True
 
@@ -398,7 +398,7 @@ class PoolState(Slots):
                 self.counters["broken_discarded"] += 1
             self._drop(conn, info, reason, to_close)
         elif self.waiters:
-            self._serve(conn, info, now)
+            self._serve(conn, info)
         else:
             if info.state is RETURNING:
                 self.returning -= 1

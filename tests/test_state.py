@@ -171,6 +171,20 @@ def test_an_interrupt_while_granting_a_slot_reserves_nothing(monkeypatch):
     assert claim.waiter.may_connect and state.opening == 1
 
 
+def test_a_waiter_that_queued_during_the_returns_rollback_waited_a_positive_time():
+    state = new_state(maxconn=1)
+    conn = opened(state, lend=True)
+    returned_at = time.monotonic()  # the returner's clock, read before its rollback round trip
+    time.sleep(0.02)
+    claim = Claim()
+    assert state.acquire(claim, time.monotonic(), can_wait=True) is WAIT  # queued meanwhile
+    info = state.lent[id(conn)]
+    assert state.return_fast(conn, id(conn), info, returned_at) is DONE
+    assert claim.waiter is not None and claim.waiter.conn is conn
+    assert state.counters["wait_ms_total"] >= 0
+    assert info.borrowed_at >= claim.waiter.since  # the next borrow starts after it queued
+
+
 def test_a_fast_return_to_a_closed_pool_with_waiters_leaves_the_connection_to_tidy():
     state = new_state(maxconn=1)
     conn = opened(state, lend=True)
