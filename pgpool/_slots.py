@@ -144,7 +144,7 @@ class Slots:
         waiter.conn = conn
         waiter.signal.release()  # last: an asynchronous exception after it loses nothing
 
-    def _drain(self, now: float) -> None:
+    def _drain(self) -> None:
         """Hand idle connections to waiters (a fast return and a waiter crossed: see the module)."""
         while self.waiters:
             try:
@@ -201,7 +201,7 @@ class Slots:
         """
         with self.lock:
             self._purge()
-            self._drain(now)
+            self._drain()
             self._grant()
             if waiter.conn is not None or waiter.may_connect or waiter.error is not None:
                 return True
@@ -279,7 +279,7 @@ class Slots:
         """Evict idle connections past idle_timeout or max_lifetime; serve and grant waiters."""
         with self.lock:
             self._purge()
-            self._drain(now)
+            self._drain()
             if self.idle_timeout:
                 self._evict_idle(now, to_close)
             if max_lifetime:

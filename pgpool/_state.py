@@ -11,14 +11,16 @@ Two kinds of steps change it:
   fast lender have taken it meanwhile (ValueError), leaves it to them.
 
 Whoever removed a connection from the idle list or the lent table owns it until it puts it in the
-other. The one hand-over rule between the two kinds: a fast returner appends to the idle list *then*
-looks at the waiters; a waiter joins the line *then* looks at the idle list. One of them always sees
-the other (each operation is sequentially consistent), and the one who does hands the connection over
-under the lock (`_drain`), so that no waiter sleeps while a connection is idle.
+other. A fast returner that finds threads in line hands its connection to the oldest under the lock
+(`_serve`), without a stop in the idle list. Otherwise the one hand-over rule between the two kinds
+holds: a fast returner appends to the idle list *then* looks at the waiters; a waiter joins the line
+*then* looks at the idle list. One of them always sees the other (each operation is sequentially
+consistent), and the one who does hands the connection over under the lock (`_drain`), so that no
+waiter sleeps while a connection is idle.
 
 Interrupt safety: an asynchronous exception (KeyboardInterrupt) can land at the entry of any Python
 function. A method here makes no Python call after its first mutation, except to a helper whose
-entry leaves the state consistent (`_grant`, `_serve`, `_drop`), and records what it hands over in
+entry leaves the state consistent (`_grant`, `_serve`, `_drop`, `_queue`), and records what it hands over in
 the caller's `Claim` in the same breath as the mutation.
 """
 
@@ -179,15 +181,9 @@ class PoolState(Slots):
                 raise PoolClosed(f"pool {self.name!r} is closed")
             idle = self.idle
             if self.waiters and can_wait:
-                # Threads in line came first: behind them (the way into the line is short, see above).
-                waiter = Waiter()
-                self.waiters.append(waiter)
-                claim.waiter = waiter
-                if idle:  # read after the append: see the module's hand-over rule
-                    self._drain(now)
-                return WAIT
+                return self._queue(claim)  # threads in line came first: behind them, at once
             if idle and self.waiters:
-                self._drain(now)
+                self._drain()
             while idle and not self.waiters:
                 try:
                     item = idle[-1]
@@ -232,12 +228,16 @@ class PoolState(Slots):
                     f"connection pool exhausted: pool {self.name!r} has all maxconn={self.maxconn} connections "
                     f"in use ({len(self.lent)} lent, {self.opening} opening)"
                 )
-            waiter = Waiter()
-            self.waiters.append(waiter)
-            claim.waiter = waiter
-            if idle:  # read after the append: see the module's hand-over rule
-                self._drain(now)
-            return WAIT
+            return self._queue(claim)
+
+    def _queue(self, claim: Claim) -> str:
+        """Put the claim's thread at the end of the line (under the lock); returns `WAIT`."""
+        waiter = Waiter()
+        self.waiters.append(waiter)
+        claim.waiter = waiter
+        if self.idle:  # read after the append: see the module's hand-over rule
+            self._drain()
+        return WAIT
 
     # -- opening and closing -------------------------------------------------------------------
 
@@ -415,7 +415,7 @@ class PoolState(Slots):
             if self.closed:
                 self._drop_all_idle("pool closed", to_close)
                 return
-            self._drain(now)
+            self._drain()
             if self.idle_timeout:
                 self._evict_idle(now, to_close)
 
