@@ -39,7 +39,8 @@ _SERVER_USER_VARIABLE = "PGPOOL_EMBEDDED_PG_USER"
 _SERVER_USER_DEFAULT = "nobody"
 # What initdb and pg_ctl need of the wheel, relative to its site-packages directory. initdb finds
 # libpq in the wheel's .libs directory through a relative rpath, so the copy keeps the layout.
-_NEEDED_BINARIES = ("initdb", "pg_ctl", "postgres")
+# pg_basebackup: for tests/cluster.py's standby.
+_NEEDED_BINARIES = ("initdb", "pg_ctl", "postgres", "pg_basebackup")
 
 
 def _site_dir() -> Path:
@@ -185,23 +186,58 @@ class EmbeddedPostgres:
             log = self.logfile.read_text() if self.logfile.exists() else ""
             raise RuntimeError(f"{args[0]} failed ({done.returncode}):\n{done.stdout}\n{log[-3000:]}")
 
+    def _prepare(self) -> None:
+        """Lay out the temporary directory, given to the server's user, and find (or copy) the binaries."""
+        site = _site_dir()
+        self.pgdata.mkdir(mode=0o700)
+        self.socket_dir.mkdir(mode=0o700)
+        self.logfile.touch()
+        if self._account:
+            for path in (self.base, self.pgdata, self.socket_dir, self.logfile):
+                os.chown(path, self._account.pw_uid, self._account.pw_gid)
+            self._bin_dir = _copy_binaries(site, self.base / "install", self._account)
+        else:
+            self._bin_dir = _install_dir(site) / "bin"
+
     def init(self) -> None:
         """Create the cluster (initdb); on failure, remove the temporary directory."""
         try:
-            site = _site_dir()
-            self.pgdata.mkdir(mode=0o700)
-            self.socket_dir.mkdir(mode=0o700)
-            self.logfile.touch()
-            if self._account:
-                for path in (self.base, self.pgdata, self.socket_dir, self.logfile):
-                    os.chown(path, self._account.pw_uid, self._account.pw_gid)
-                self._bin_dir = _copy_binaries(site, self.base / "install", self._account)
-            else:
-                self._bin_dir = _install_dir(site) / "bin"
+            self._prepare()
             self._run("initdb", "-A", "trust", "-U", "postgres", "-E", "UTF8", "-D", str(self.pgdata))
         except BaseException:
             self.destroy()
             raise
+
+    def init_as_standby_of(self, primary: EmbeddedPostgres) -> None:
+        """Create the cluster as a streaming standby of the running `primary` (a base backup with -R:
+        it connects to primary's port when started); on failure, remove the temporary directory."""
+        try:
+            self._prepare()
+            self._base_backup(primary)
+        except BaseException:
+            self.destroy()
+            raise
+
+    def follow(self, primary: EmbeddedPostgres) -> None:
+        """Make this stopped server a fresh standby of `primary`: its data is replaced by a new base
+        backup (no pg_rewind: a small test cluster copies in a moment)."""
+        assert not self.is_running(), "stop() first"
+        shutil.rmtree(self.pgdata)
+        self.pgdata.mkdir(mode=0o700)
+        if self._account:
+            os.chown(self.pgdata, self._account.pw_uid, self._account.pw_gid)
+        self._base_backup(primary)
+
+    def _base_backup(self, primary: EmbeddedPostgres) -> None:
+        self._run(
+            "pg_basebackup",
+            *("-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres", "-D", str(self.pgdata)),
+            *("-R", "-X", "stream", "-c", "fast"),
+        )
+
+    def promote(self, timeout: int = 30) -> None:
+        """Promote this standby (pg_ctl promote), waiting until it accepts writes."""
+        self._run("pg_ctl", "-w", "-t", str(timeout), "-D", str(self.pgdata), "promote", timeout=timeout + 5)
 
     def start(self) -> None:
         """Start the server; a first start that fails removes the temporary directory."""
