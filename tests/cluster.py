@@ -132,7 +132,9 @@ class Cluster:
 
     def wait_replayed(self, timeout: float = 10) -> None:
         """Wait until the standby has replayed everything the primary wrote so far."""
-        lsn = self.query(self.primary, "SELECT pg_current_wal_lsn()")
+        # The insert position, not pg_current_wal_lsn(): with synchronous_commit off (embedded_pg's
+        # setting) a commit may not be written yet, and would be waited for at a position before it.
+        lsn = self.query(self.primary, "SELECT pg_current_wal_insert_lsn()")
         _wait(
             lambda: bool(self.query(self.standby, f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn")),
             timeout,
