@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from math import inf
 
 import psycopg2
+import psycopg2.errors
 import pytest
 
 from pgpool import ThreadSafeConnectionPool
