@@ -253,3 +253,27 @@ def test_drain_under_load_replaces_every_connection_without_an_error(cluster, ca
     assert evictions == 1, f"drain() is one eviction round, counted {evictions}"
     warnings = _eviction_warnings(caplog, pool)
     assert len(warnings) == 1 and "drain" in warnings[0].lower(), warnings
+
+
+def test_an_old_primary_back_as_a_standby_gets_no_writes_and_serves_a_standby_pool(cluster):
+    """(b, the other form) A switchover where the old primary is stopped, the standby promoted and the
+    old primary restarted as its standby: libpq's read-write selection never picks it again, and a
+    pool asking for a standby gets it."""
+    old_port, new_port = cluster.primary.port, cluster.standby.port
+    with ThreadSafeConnectionPool(maxconn=8, timeout=5, dsn=cluster.dsn("read-write"), name="failover-b2") as pool:
+        with Writers(pool) as writers:
+            writers.wait_for_writes()
+            cluster.stop_primary(mode="fast")
+            stopped = time.monotonic()
+            cluster.promote_standby()
+            cluster.restart_as_standby()
+            writers.wait_for_writes(count=50)
+        borrows = writers.snapshot()
+    summary = f"errors per writer {_errors_per_writer(borrows)}"
+    assert not [b for b in borrows if b.error is not None and b.started >= stopped], summary
+    after = [b for b in borrows if b.lent is not None and b.lent > stopped]
+    assert after and all(b.port == new_port for b in after), f"lent to {Counter(b.port for b in after)}"
+    with ThreadSafeConnectionPool(maxconn=2, timeout=5, dsn=cluster.dsn("standby"), name="failover-reads") as reads:
+        with reads.connection() as conn:
+            assert conn.info.port == old_port
+            assert ServerTarget({"dsn": cluster.dsn("standby")}).unwanted(conn) is None
