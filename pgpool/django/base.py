@@ -101,8 +101,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             autocommit=bool(settings_dict["AUTOCOMMIT"]),
             user_configure=options.get("configure"),
         )
-        health_checks = bool(settings_dict["CONN_HEALTH_CHECKS"])
-        signature = (conn_params, setup, options, health_checks)
+        # What a connection is (its parameters, its session) makes the pool; CONN_HEALTH_CHECKS and
+        # CONN_MAX_AGE are read when the pool is made, as Django's own pool does.
+        signature = (conn_params, setup, options)
         return pools.pool_for(self.alias, signature, lambda: self._build_pool(conn_params, options, setup))
 
     def _build_pool(self, conn_params: dict[str, Any], options: dict[str, Any], setup: SessionSetup) -> pools.Pool:
@@ -185,12 +186,6 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         # per server session.
         BaseDatabaseWrapper.init_connection_state(self)
 
-    @async_unsafe
-    def ensure_connection(self) -> None:
-        if self.connection is not None and self._lender is not None and self._lent_in != _generation:
-            self._drop_inherited()
-        super().ensure_connection()
-
     def _drop_inherited(self) -> None:
         """Forget a connection borrowed before a fork: pgpool made it unusable in this process, and
         never closes it here (that would end the parent's session)."""
@@ -200,7 +195,12 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             self.connection = None  # the next query borrows from this process's pool
 
     def close_if_health_check_failed(self) -> None:
-        if self.connection is None or self._lender is not None:
+        # Django calls this before each cursor and each set_autocommit (so also on entering atomic()).
+        if self.connection is None:
+            return
+        if self._lender is not None:
+            if self._lent_in != _generation:
+                self._drop_inherited()
             return  # the pool checks connections before lending them (CONN_HEALTH_CHECKS: its check)
         # A plain connection (OPTIONS["pool"] False): Django's own check. Not the postgresql backend's
         # method, whose look at self.pool would make a pool.
@@ -219,7 +219,13 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         pools.forget_holder(self)
         if self._lent_in != _generation:
             return  # borrowed before a fork: nothing to give back in this process
+        if self.in_atomic_block:
+            # Django keeps the wrapper's connection, closed, until the outermost block exits: discard
+            # it, so that it is closed exactly as the stock backend's would be.
+            with self.wrap_database_errors:
+                lender.putconn(conn, close=True)
+            return
+        # Given back, it may be lent to another thread at once: this wrapper must not reach it.
+        self.connection = None
         with self.wrap_database_errors:
-            # Inside atomic() Django keeps the wrapper's connection, closed, until the outermost block
-            # exits: discard it, so that it is closed exactly as the stock backend's would be.
-            lender.putconn(conn, close=self.in_atomic_block)
+            lender.putconn(conn)

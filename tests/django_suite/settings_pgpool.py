@@ -1,0 +1,7 @@
+"""Django's suite on ENGINE "pgpool.django", with a small pool (``runtests.py --settings=settings_pgpool``)."""
+
+from _common import DEFAULT_AUTO_FIELD, PASSWORD_HASHERS, SECRET_KEY, USE_TZ, databases
+
+DATABASES = databases("pgpool.django", {"pool": {"maxconn": 8, "timeout": 10}})
+
+__all__ = ["DATABASES", "DEFAULT_AUTO_FIELD", "PASSWORD_HASHERS", "SECRET_KEY", "USE_TZ"]
