@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Starts an embedded PostgreSQL for the command unless PGPOOL_DSN names a server.
 WITH_SERVER := $(PY) tests/embedded_pg.py run --
 
-.PHONY: install install-bench demo test examples lint format docs dist bench bench-quick clean
+.PHONY: install install-bench demo test examples lint format docs dist bench bench-quick clean test-django django-suite examples-django
 
 # Each stamp says what is installed in .venv; all are redone when the package metadata changes.
 DEMO_STAMP := $(VENV)/.installed-demo-stamp
@@ -101,3 +101,24 @@ dist: $(DIST_STAMP)
 clean:
 	rm -rf $(VENV) build dist docs/_build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
+
+# pgpool.django: Django, gevent and psycogreen, the example's gunicorn, and Django's suite's needs.
+DJANGO_STAMP := $(VENV)/.installed-django-stamp
+
+$(DJANGO_STAMP): setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[server,test,examples,django-gevent]'
+	touch $(DJANGO_STAMP)
+
+# pgpool's own tests of the Django backend (tests/django; make test runs them too).
+test-django: $(DJANGO_STAMP)
+	$(PY) -m pytest tests/django
+
+# A selection of Django's own test suite on ENGINE "pgpool.django" and on the stock backend, compared.
+# Its migrations need contrib extensions and ICU collations, which the embedded server lacks: it runs
+# on PGPOOL_DJANGO_SUITE_DSN, by default the machine's PostgreSQL on 127.0.0.1:5432.
+django-suite: $(DJANGO_STAMP)
+	PGPOOL_DJANGO_SUITE_DSN=$${PGPOOL_DJANGO_SUITE_DSN:-postgresql://127.0.0.1:5432/test} $(PY) tests/django_suite/run_suite.py
+
+# The Django example under gunicorn (gthread, sync and gevent workers), loaded over loopback and checked.
+examples-django: $(DJANGO_STAMP)
+	$(WITH_SERVER) $(PY) examples/django_app/load_check.py
