@@ -528,3 +528,19 @@ def test_otel_instruments_an_alias_pool(make_alias):
     finally:
         instrumentation.uninstrument()
         provider.shutdown()
+
+
+def test_with_reset_session_djangos_setup_survives_discard_all(make_alias):
+    """DISCARD ALL on each return undoes every SET; pgpool runs configure again, so the zone stays."""
+    from django.db import connections
+
+    connection = connections[
+        make_alias(TIME_ZONE="Asia/Tokyo", OPTIONS={"pool": {"maxconn": 1, "reset": pgpool.reset_session}})
+    ]
+    for _ in range(3):
+        with connection.cursor() as cur:
+            cur.execute("SELECT current_setting('TimeZone'), current_setting('work_mem')")
+            assert cur.fetchone() == ("Asia/Tokyo", "4MB")
+            cur.execute("SET work_mem = '64MB'")  # a borrower's SET: gone at the next borrow
+        connection.close()
+    assert connection.pool.stats()["connections_opened"] == 1
