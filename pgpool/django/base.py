@@ -188,11 +188,13 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     def _drop_inherited(self) -> None:
         """Forget a connection borrowed before a fork: pgpool made it unusable in this process, and
-        never closes it here (that would end the parent's session)."""
+        it is never closed here (closing takes psycopg2's lock, which a parent thread may have held at
+        fork time). Inside atomic() the block keeps it, and fails; `_close` then leaves it alone."""
+        if self.in_atomic_block:
+            return
         self._lender = None
         pools.forget_holder(self)
-        if not self.in_atomic_block:
-            self.connection = None  # the next query borrows from this process's pool
+        self.connection = None  # the next query borrows from this process's pool
 
     def close_if_health_check_failed(self) -> None:
         # Django calls this before each cursor and each set_autocommit (so also on entering atomic()).

@@ -410,7 +410,10 @@ def test_the_child_of_a_fork_gets_its_own_sessions_and_leaves_the_parents_alone(
         code = 1
         try:
             os.close(read)
-            pids = [_backend_pid(connection)]
+            from django.db import transaction
+
+            with transaction.atomic(using=alias):  # entering atomic() first: it drops the inherited one
+                pids = [_backend_pid(connection)]
             connection.close()
             pids.append(_backend_pid(connections[alias]))
             connection.close()
