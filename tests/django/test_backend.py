@@ -445,7 +445,7 @@ def test_test_databases_are_created_cloned_and_dropped_without_waiting(make_alia
     old_name = connection.settings_dict["NAME"]
     start = time.monotonic()
     try:
-        test_name = connection.creation.create_test_db(verbosity=0, serialize=False)
+        test_name = connection.creation.create_test_db(verbosity=0)
         connections[mirror].settings_dict["NAME"] = test_name  # as a TEST MIRROR would be
         _backend_pid(connections[mirror])
         connections[mirror].close()
