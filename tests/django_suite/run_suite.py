@@ -113,11 +113,26 @@ _OUTCOME = re.compile(r"\.\.\. (?P<outcome>ok|FAIL|ERROR|skipped.*|expected fail
 _RAN = re.compile(r"^Ran (\d+) tests? in ([\d.]+)s$")
 
 
+def _matching(cache: Path) -> list[Path]:
+    """The cached sdists that DJANGO_SPEC accepts, oldest version first."""
+    try:
+        from packaging.specifiers import SpecifierSet
+        from packaging.version import Version
+    except ImportError:  # a bare venv: pip's own copy
+        from pip._vendor.packaging.specifiers import SpecifierSet  # type: ignore[no-redef]
+        from pip._vendor.packaging.version import Version  # type: ignore[no-redef]
+
+    _, _, wanted = DJANGO_SPEC.partition("==")
+    spec = SpecifierSet(f"=={wanted}" if wanted else "")
+    found = [(Version(path.name[len("django-") : -len(".tar.gz")]), path) for path in cache.glob("django-*.tar.gz")]
+    return [path for version, path in sorted(found) if version in spec]
+
+
 def _sdist() -> Path:
     """The unpacked Django source for DJANGO_SPEC, downloaded once into the cache."""
     cache = BUILD / "cache"
     cache.mkdir(parents=True, exist_ok=True)
-    found = sorted(cache.glob("django-*.tar.gz"))
+    found = _matching(cache)
     if not found or os.environ.get("PGPOOL_DJANGO_SUITE_REFRESH"):
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", DJANGO_SPEC,
@@ -125,7 +140,7 @@ def _sdist() -> Path:
             check=True,
             timeout=300,
         )  # fmt: skip
-        found = sorted(cache.glob("django-*.tar.gz"))
+        found = _matching(cache)
     archive = found[-1]
     target = BUILD / archive.name.removesuffix(".tar.gz")
     if not (target / "tests" / "runtests.py").exists():
