@@ -351,6 +351,7 @@ def test_an_exhausted_pool_raises_operational_error_after_its_timeout(make_alias
 # -- work outside requests -----------------------------------------------------------------------
 
 
+@pytest.mark.timing
 def test_a_thread_that_never_closes_gives_its_slot_back_when_it_ends(make_alias, sessions, caplog):
     """Django's wrappers are reference cycles: the next lend collects the ended thread's."""
     from django.db import connections
@@ -382,6 +383,7 @@ def test_a_thread_that_never_closes_gives_its_slot_back_when_it_ends(make_alias,
     assert sessions() == 1
 
 
+@pytest.mark.timing
 def test_sync_to_async_without_close_gives_its_slot_back_when_its_thread_ends(make_alias):
     from asgiref.sync import sync_to_async
     from django.db import connections
