@@ -6,7 +6,7 @@ Start with `ThreadSafeConnectionPool` and ``with pool.connection() as conn:``; s
 import logging
 
 from .decorators import BORROWED, with_connection, with_transaction
-from .errors import PoolClosed, PoolError, PoolTimeout
+from .errors import PoolClosed, PoolError, PoolTimeout, TransactionRolledBack
 from .health import check_connection, reset_session
 from .pool import ConnectionPool, PoolStats, ThreadSafeConnectionPool
 
@@ -18,6 +18,7 @@ __all__ = [
     "PoolStats",
     "PoolTimeout",
     "ThreadSafeConnectionPool",
+    "TransactionRolledBack",
     "check_connection",
     "reset_session",
     "with_connection",

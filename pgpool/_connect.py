@@ -3,6 +3,7 @@ which failures a retry can fix, and the backoff between retries."""
 
 from __future__ import annotations
 
+import difflib
 import logging
 import random
 import re
@@ -46,9 +47,123 @@ _POOL_OPTION_HINTS = {
 }
 
 
+# The options of a pool's constructor, for "did you mean" (pgpool.pool.ConnectionPool.__init__).
+POOL_OPTIONS = (
+    "minconn",
+    "maxconn",
+    "idle_timeout",
+    "name",
+    "timeout",
+    "check",
+    "configure",
+    "reset",
+    "max_lifetime",
+    "leak_timeout",
+    "connection_factory",
+    "dsn",
+)
+
+# libpq's connection keywords (PostgreSQL 18's list; an older libpq refuses the newest with its own
+# message, which names the keyword): for "did you mean" when a keyword is neither a pool option nor
+# one of these.
+_LIBPQ_KEYWORDS = frozenset(
+    [
+        "host",
+        "hostaddr",
+        "port",
+        "dbname",
+        "user",
+        "password",
+        "passfile",
+        "require_auth",
+        "channel_binding",
+        "connect_timeout",
+        "client_encoding",
+        "options",
+        "application_name",
+        "fallback_application_name",
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_count",
+        "tcp_user_timeout",
+        "replication",
+        "gssencmode",
+        "sslmode",
+        "sslnegotiation",
+        "sslcompression",
+        "sslcert",
+        "sslkey",
+        "sslkeylogfile",
+        "sslpassword",
+        "sslcertmode",
+        "sslrootcert",
+        "sslcrl",
+        "sslcrldir",
+        "sslsni",
+        "requirepeer",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+        "krbsrvname",
+        "gsslib",
+        "gssdelegation",
+        "service",
+        "target_session_attrs",
+        "load_balance_hosts",
+        "min_protocol_version",
+        "max_protocol_version",
+        "oauth_issuer",
+        "oauth_client_id",
+        "oauth_client_secret",
+        "oauth_scope",
+    ]
+)
+
+
+def unknown_option_message(name: str, where: str) -> str:
+    """What to say about a keyword that is neither a pool option nor a libpq setting: the nearest
+    pool option (or connection setting), or what pgpool calls another pool's option."""
+    hint = _POOL_OPTION_HINTS.get(name)
+    if hint is None:
+        lowered = {option.lower(): option for option in (*POOL_OPTIONS, *sorted(_LIBPQ_KEYWORDS))}
+        squeezed = name.lower().replace("_", "")
+        exact = [opt for low, opt in lowered.items() if low.replace("_", "") == squeezed]
+        close = exact or [lowered[m] for m in difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.75)]
+        if close:
+            kind = "pool option" if close[0] in POOL_OPTIONS else "connection setting"
+            hint = f"did you mean {close[0]}? (a {kind})"
+    message = f"unknown option {name!r} for {where}: neither a pool option nor a libpq connection setting"
+    if hint is None:
+        return message
+    return f"{message}; {hint}" if hint.startswith("did you mean") else f"{message}; pgpool calls it {hint}"
+
+
+# Connect failures that waiting cannot fix: the server answered and refused these settings. libpq
+# reports them as OperationalError without an SQLSTATE, so the server's (English) words tell them.
+_PERMANENT = re.compile(
+    r"authentication failed"  # password, SCRAM, md5, peer, ident, cert...
+    r"|database \".*\" does not exist"
+    r"|role \".*\" does not exist"
+    r"|no pg_hba\.conf entry"
+    r"|pg_hba\.conf rejects connection"
+    r"|permission denied for database"
+    r"|no password supplied"
+    r"|is not permitted to log in"
+    r"|invalid (integer|port) value"
+)
+_PERMANENT_SQLSTATES = frozenset({"28000", "28P01", "3D000", "42501"})
+
+
+def permanent(exc: BaseException) -> bool:
+    """Tell whether a connect failed for a reason a retry cannot fix (bad password, database or role)."""
+    if getattr(exc, "pgcode", None) in _PERMANENT_SQLSTATES:
+        return True
+    return _PERMANENT.search(str(exc)) is not None
+
+
 def retryable(exc: BaseException) -> bool:
     """Tell whether a failed connect may succeed if tried again (server down, starting, full)."""
-    return isinstance(exc, psycopg2.OperationalError)
+    return isinstance(exc, psycopg2.OperationalError) and not permanent(exc)
 
 
 def backoff(attempt: int) -> float:
@@ -85,15 +200,23 @@ class Connector:
         except psycopg2.ProgrammingError as exc:
             # psycopg2's message quotes the dsn, password included.
             problem = f"invalid dsn for pool {self.pool_name!r}: {self.redact(str(exc).strip())}"
+            found = re.search(r'invalid connection option "([^"]+)"', problem)
+            if found and found.group(1) not in _LIBPQ_KEYWORDS:
+                near = difflib.get_close_matches(found.group(1), sorted(_LIBPQ_KEYWORDS), n=1, cutoff=0.75)
+                problem += f"; did you mean {near[0]}?" if near else ""
         if problem is None:
-            try:
-                psycopg2.extensions.parse_dsn(psycopg2.extensions.make_dsn("", **options))
-            except psycopg2.ProgrammingError as exc:
-                message = self.redact(str(exc).strip())
-                found = re.search(r'option "([^"]+)"', message)
-                hint = _POOL_OPTION_HINTS.get(found.group(1)) if found else None
-                more = f": pgpool calls it {hint}" if hint else ""
-                problem = f"invalid connection setting for pool {self.pool_name!r}: {message}{more}"
+            # Keyword by keyword: an unknown one is a pool option misspelt more often than a libpq
+            # setting, and libpq's own message ("invalid dsn") names a dsn nobody passed.
+            for name, value in options.items():
+                try:
+                    psycopg2.extensions.parse_dsn(psycopg2.extensions.make_dsn("", **{name: value}))
+                except psycopg2.ProgrammingError as exc:
+                    if name not in _LIBPQ_KEYWORDS:
+                        problem = unknown_option_message(name, f"pool {self.pool_name!r}")
+                    else:
+                        message = self.redact(str(exc).strip()).removeprefix("invalid dsn: ")
+                        problem = f"invalid connection setting {name}= for pool {self.pool_name!r}: {message}"
+                    break
         if problem is not None:
             # Raised outside the except clause: psycopg2's error, password included, is not chained.
             raise ValueError(problem)

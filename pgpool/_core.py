@@ -219,11 +219,13 @@ class PoolCore:
                     except BaseException:
                         self._give_back_refill(claim)
                         raise
-                    if configuring or not retryable(exc) or self.timeout <= 0:
-                        raise
+                    if configuring:
+                        raise  # configure failed: no retry can fix it (nor is it a connect error)
                     state.count("connect_errors")
                     attempt += 1
                     first_error = self._note_connect_error(exc, attempt, first_error)
+                    if not retryable(exc) or self.timeout <= 0:
+                        raise  # no wait allowed, or refused for good (password, database, role)
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise self._give_up(self.timeout, exc, attempt) from exc

@@ -21,7 +21,7 @@ from ._connect import backoff, retryable
 from ._core import _TRANSIENT_WAIT, PoolCore
 from ._records import Claim, ConnInfo
 from ._state import WAIT
-from .borrow import end_finalized_borrows, finalized
+from .borrow import end_dropped_borrows, held_by_generators
 from .errors import PoolClosed, PoolError, PoolTimeout
 
 Connection = psycopg2.extensions.connection
@@ -39,8 +39,6 @@ class Lending(PoolCore):
             self._housekeeper.start()  # before anything is taken: an interrupt here loses nothing
             self._update_fast()
         state = self._state
-        if finalized:
-            end_finalized_borrows()
         if state.leaks:
             self._report_collected_leaks()
         start = time.monotonic()
@@ -66,14 +64,14 @@ class Lending(PoolCore):
                     try:
                         self._open(claim)
                     except Exception as exc:
-                        if claim.new_conn is not None or not retryable(exc):
-                            raise  # configure failed, or a bad setting: no retry can fix it
+                        if claim.new_conn is not None:
+                            raise  # configure failed: no retry can fix it (nor is it a connect error)
                         state.count("connect_errors")
                         attempt += 1
                         first_error = self._note_connect_error(exc, attempt, first_error)
                         remaining = deadline - time.monotonic()
-                        if wait <= 0:
-                            raise
+                        if wait <= 0 or not retryable(exc):
+                            raise  # no wait allowed, or refused for good (password, database, role)
                         state.release_slot(claim)
                         if remaining <= 0:
                             raise self._give_up(wait, exc, attempt) from exc
@@ -137,8 +135,8 @@ class Lending(PoolCore):
             if remaining > 0:
                 if waiter.signal.acquire(True, min(remaining, _WAIT_SLICE)):
                     break  # served: whoever served us did it under the lock before the release
-                if finalized:
-                    end_finalized_borrows()  # a dropped generator's connection may be what we wait for
+                if held_by_generators:
+                    end_dropped_borrows()  # a dropped generator's connection may be what we wait for
                 now = time.monotonic()
                 remaining = deadline - now
             if state.recheck_waiter(waiter, remaining <= 0, now):

@@ -11,7 +11,7 @@ import psycopg2.extensions
 
 from . import _fork, _session
 from ._core import PoolCore
-from .borrow import end_finalized_borrows, finalized
+from .borrow import end_dropped_borrows, held_by_generators
 from .health import socket_readable
 from .housekeeping import Housekeeper
 
@@ -28,8 +28,8 @@ class Maintenance(PoolCore):
         """One round of background maintenance; return seconds until the next one (None: stop)."""
         if self._state.closed:
             return None
-        if finalized:
-            end_finalized_borrows()
+        if held_by_generators:
+            end_dropped_borrows()
         now = time.monotonic()
         to_close: list[tuple[Connection, str]] = []
         try:

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from ._records import CLOSING, LENT, RETURNING, Claim, ConnInfo, ConnRef, Waiter
+from ._records import CLOSING, IDLE, LENT, RETURNING, Claim, ConnInfo, ConnRef, Waiter
 from .errors import PoolClosed
 
 Connection = psycopg2.extensions.connection
@@ -59,7 +59,9 @@ class Slots:
         self.opening = 0  # slots reserved for connects in flight, refills included
         self.refilling = 0  # of `opening`, those of background refills (never a borrower's)
         self.returning = 0  # of `conns`, those being cleaned up or checked (state RETURNING): back soon
-        self.closing: set[Connection] = set()  # dropped, being closed; each still holds its slot
+        # Dropped, being closed; each still holds its slot. A dict (its values unused), so that adding
+        # is a subscript store, which no asynchronous exception can split from what precedes it.
+        self.closing: dict[Connection, None] = {}
         self.waiters: deque[Waiter] = deque()  # threads queued in getconn, oldest on the left
         self.closed = False
         self.keeps_returns = idle_timeout > 0  # a clean return may stay idle: not closed, idle_timeout
@@ -92,9 +94,14 @@ class Slots:
                     self.returning -= 1
                 self.retired_lends += info.lends
                 self.retired_used += info.used
-                self.counters["leaked"] += 1
                 self.counters["connections_closed"] += 1
-                self.leaks.append(info)
+                if info.state is IDLE:
+                    # Taken off the idle list by a fast lender that an asynchronous exception hit
+                    # right after the pop: not a borrower's leak.
+                    self.counters["broken_discarded"] += 1
+                else:
+                    self.counters["leaked"] += 1
+                    self.leaks.append(info)
             self.collected.popleft()
 
     def _free_slots(self) -> float:
@@ -129,7 +136,16 @@ class Slots:
                 self.idle.remove(item)
             except ValueError:
                 return
-        waiter = self.waiters.popleft()
+            except BaseException:
+                self.idle.append(item)  # removed, then interrupted: idle again, nobody served
+                raise
+        try:
+            waiter = self.waiters.popleft()
+        except BaseException:
+            # Out of line unserved (it puts itself back when it wakes up); the connection stays idle.
+            if item is not None:
+                self.idle.append(item)
+            raise
         self.counters["requests_waited"] += 1
         self.counters["wait_ms_total"] += (now - waiter.since) * 1000
         info.used += used
@@ -160,23 +176,28 @@ class Slots:
         itself would lose it to an interrupt landing on this method's entry), unless a fast lender
         took it meanwhile, which then keeps it.
         """
+        key = id(conn)  # C calls before the first change (see the module docstring of pgpool._state)
         if item is not None:
             try:
                 self.idle.remove(item)
             except ValueError:
                 return
-        key = id(conn)
-        if self.conns.get(key) is info:
+            except BaseException:
+                self._drop(conn, info, reason, to_close)  # removed, then interrupted: finish the drop
+                raise
+        # From here on, subscripts, attributes and operators only: no point where CPython delivers
+        # an asynchronous exception, so the connection moves from `conns` to `closing` whole.
+        if key in self.conns and self.conns[key] is info:
             del self.conns[key]
-        if self.lent.get(key) is info:
+        if key in self.lent and self.lent[key] is info:
             del self.lent[key]
         if info.state is RETURNING:
             self.returning -= 1
         info.state = CLOSING
         self.retired_lends += info.lends
         self.retired_used += info.used
-        self.closing.add(conn)
-        to_close.append((conn, reason))
+        self.closing[conn] = None
+        to_close += ((conn, reason),)
 
     def _evict_idle(self, now: float, to_close: ToClose) -> None:
         """Drop idle connections older than idle_timeout (oldest first), never below minconn."""
@@ -348,14 +369,14 @@ class Slots:
     def reset_after_fork(self) -> list[Connection]:
         """In a forked child: start from zero; return the inherited connections (to disown, not close)."""
         inherited = [conn for conn in (info.ref() for info in self.conns.values()) if conn is not None]
-        inherited.extend(self.closing)
+        inherited.extend(self.closing)  # the keys
         self.lock = threading.Lock()
         self.idle.clear()
         self.conns.clear()
         self.lent.clear()
         self.collected.clear()
         self.opening = self.refilling = self.returning = 0
-        self.closing = set()
+        self.closing = {}
         self.waiters.clear()
         self.leaks.clear()
         self.counters = dict.fromkeys(COUNTERS, 0.0)  # the child's own story starts here

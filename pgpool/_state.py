@@ -67,23 +67,33 @@ class PoolState(Slots):
             item = idle.pop()  # atomic: the connection is this thread's alone from here
         except IndexError:
             return None
-        conn, info = item
-        probe_due = now - info.probed_at >= PROBE_INTERVAL
-        if (
-            conn.get_transaction_status() != _STATUS_IDLE  # the server's word; UNKNOWN once closed
-            or now >= info.expires
-            or (self.idle_timeout and now - info.returned_at > self.idle_timeout)
-            or (probe_due and info.probe.poll(0))  # the server sent something: look closer
-        ):
-            idle.append(item)  # atomic; the slow path looks at it again, under the lock
-            return None
+        # An asynchronous exception landing right after the pop (before `item` is bound) drops the
+        # connection: nothing else references it, so the collector closes it and frees its slot
+        # (see _purge). Anywhere below, the connection goes back to the idle list.
+        try:
+            conn, info = item
+            key = id(conn)
+            probe_due = now - info.probed_at >= PROBE_INTERVAL
+            if (
+                conn.get_transaction_status() != _STATUS_IDLE  # the server's word; UNKNOWN once closed
+                or now >= info.expires
+                or (self.idle_timeout and now - info.returned_at > self.idle_timeout)
+                or (probe_due and info.probe.poll(0))  # the server sent something: look closer
+            ):
+                idle.append(item)  # atomic; the slow path looks at it again, under the lock
+                return None
+        except BaseException:
+            if item not in idle:
+                idle.append(item)
+            raise
+        # No call from here on: the lend happens whole.
         if probe_due:
             info.probed_at = now
         info.state = LENT
         info.lease += 1
         info.lends += 1
         info.borrowed_at = now
-        self.lent[id(conn)] = info  # atomic: putconn can now take it back
+        self.lent[key] = info  # atomic: putconn can now take it back
         return item
 
     def return_fast(self, conn: Connection, key: int, info: ConnInfo, now: float) -> str | None:
@@ -259,9 +269,9 @@ class PoolState(Slots):
             self.counters["connections_opened"] += 1
             self.counters["connect_ms_total"] += claim.connect_seconds * 1000
             if self.closed:
-                self.closing.add(conn)
+                self.closing[conn] = None
                 info.state = CLOSING
-                claim.to_close.append((conn, "pool closed while connecting"))
+                claim.to_close += ((conn, "pool closed while connecting"),)
                 claim.slot = False
                 claim.new_conn = claim.new_info = None
                 return False
@@ -332,8 +342,8 @@ class PoolState(Slots):
                     self.refilling -= 1
                 if claim.new_info is not None:
                     claim.new_info.state = CLOSING
-                self.closing.add(claim.new_conn)
-                claim.to_close.append((claim.new_conn, reason))
+                self.closing[claim.new_conn] = None
+                claim.to_close += ((claim.new_conn, reason),)
                 claim.new_conn = claim.new_info = None
                 claim.refill = False
                 claim.slot = False
@@ -343,7 +353,7 @@ class PoolState(Slots):
         with self.lock:
             if conn not in self.closing:
                 return
-            self.closing.discard(conn)
+            del self.closing[conn]
             self.counters["connections_closed"] += 1
             if keep_slot_for is not None and not self.closed:
                 self.opening += 1

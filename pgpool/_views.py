@@ -1,19 +1,18 @@
-"""psycopg2_pool's inspection attributes, as views over the pool's state.
+"""psycopg2_pool's inspection attribute ``return_times``, a real ``dict`` as there.
 
 ``return_times`` was a dict in psycopg2_pool, and code (its own tests among it) reads it and even
 backdates an entry to age a connection. Here the return time lives with each connection's info, so
-that the idle list holds the only strong references to idle connections; this mapping reads and
-writes it there.
+that the idle list holds the only strong references to idle connections: the pool makes a dict of
+them when asked (a snapshot, as `idle_connections` is), and writing an entry writes it through.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import psycopg2.extensions
 
-from ._records import IDLE, ConnInfo
+from ._records import IDLE
 
 if TYPE_CHECKING:
     from ._state import PoolState
@@ -21,33 +20,24 @@ if TYPE_CHECKING:
 Connection = psycopg2.extensions.connection
 
 
-class ReturnTimes(MutableMapping[Connection, float]):
-    """Idle connection -> ``time.monotonic()`` of its return (live: each access reads the pool)."""
+class ReturnTimes(dict[Connection, float]):
+    """Idle connection -> ``time.monotonic()`` of its return: a snapshot whose writes reach the pool."""
+
+    __slots__ = ("_state",)
 
     def __init__(self, state: PoolState) -> None:
+        super().__init__((conn, info.returned_at) for conn, info in state.idle.copy())  # deque.copy: atomic
         self._state = state
 
-    def _idle_info(self, conn: Connection) -> ConnInfo:
+    def __setitem__(self, conn: Connection, when: float) -> None:
         info = self._state.info_of(conn)
         if info is None or info.state is not IDLE:
-            raise KeyError(conn)
-        return info
-
-    def __getitem__(self, conn: Connection) -> float:
-        return self._idle_info(conn).returned_at
-
-    def __setitem__(self, conn: Connection, when: float) -> None:
-        self._idle_info(conn).returned_at = float(when)
+            raise KeyError(conn)  # only idle connections have a return time
+        info.returned_at = float(when)
         self._state.evict_at = 0.0  # the next return looks for connections to evict
+        super().__setitem__(conn, float(when))
 
-    def __delitem__(self, conn: Connection) -> None:
+    def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise TypeError(f"pool {self._state.name!r}: return_times entries go with their idle connections")
 
-    def __iter__(self) -> Iterator[Connection]:
-        return iter(self._state.idle_snapshot())
-
-    def __len__(self) -> int:
-        return len(self._state.idle)
-
-    def __repr__(self) -> str:
-        return repr(dict(self))
+    __delitem__ = pop = popitem = clear = update = setdefault = _refuse

@@ -25,10 +25,10 @@ calls it; pgpool's own callers (``transaction()``, the decorators) call it again
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Generator
 from contextvars import Context, ContextVar
 from types import TracebackType
@@ -38,6 +38,7 @@ import psycopg2.extensions
 
 from . import _fork
 from ._state import TIDY
+from .errors import TransactionRolledBack
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -46,6 +47,7 @@ Connection = psycopg2.extensions.connection
 C = TypeVar("C", bound=Connection)  # the pool's connection class (connection_factory)
 
 _savepoint_ids = itertools.count(1)
+_STATUS_INERROR = psycopg2.extensions.TRANSACTION_STATUS_INERROR
 _monotonic = time.monotonic
 
 
@@ -119,7 +121,7 @@ class ConnectionBorrow(Borrow, Generic[C]):
                 self._joined = outer
                 return outer.conn  # type: ignore[return-value]  # nested: the outer borrow returns it
         item = None
-        if self._timeout is None and pool._fast_lend and not finalized:
+        if self._timeout is None and pool._fast_lend:
             item = pool._state.lend_fast(_monotonic())
         if item is not None:
             conn, lease = item[0], item[1].lease
@@ -149,17 +151,18 @@ class ConnectionBorrow(Borrow, Generic[C]):
             return  # joined an outer borrow, or already ended
         self.conn = None  # ended: never joined again, from any context
         pool = self._pool
-        try:
-            pool._borrow.reset(self._token)
-        except (ValueError, RuntimeError):
-            # Ended in another context (a generator finished in another thread): that context keeps
-            # an ended borrow, which nothing joins.
-            pass
         lease = self._lease
-        state = pool._state
-        conn_id = id(conn)
-        info = state.lent.get(conn_id)  # one atomic dict read
+        # From here every point an interrupt can land on is inside the try: its retry is idempotent.
         try:
+            try:
+                pool._borrow.reset(self._token)
+            except (ValueError, RuntimeError):
+                # Ended in another context (a generator finished in another thread): that context
+                # keeps an ended borrow, which nothing joins.
+                pass
+            state = pool._state
+            conn_id = id(conn)
+            info = state.lent.get(conn_id)  # one atomic dict read
             if info is not None and info.lease == lease and pool._fast_return:
                 done = state.return_fast(conn, conn_id, info, _monotonic())
                 if done is not None:
@@ -278,6 +281,14 @@ class TransactionBorrow(Generic[C]):
         try:
             if exc_type is None:
                 try:
+                    if conn.info.transaction_status == _STATUS_INERROR:
+                        # The block caught an SQL error: COMMIT would only end in the server's
+                        # ROLLBACK, and psycopg2 would report it as a success.
+                        raise TransactionRolledBack(
+                            f"transaction of pool {self._pool.name!r} rolled back by the server: a statement "
+                            "in the block failed and the block went on (nothing was committed); "
+                            "use a nested pool.transaction() around a statement that may fail"
+                        )
                     conn.commit()
                 except BaseException:
                     try:
@@ -306,43 +317,58 @@ class TransactionBorrow(Generic[C]):
                 raise
 
 
-# The borrows held by decorated generators, keyed by a weak reference to the generator. When one
-# is garbage collected unfinished, the weakref's callback is `finalized.append` (one C call: nothing
-# can interrupt it, and it takes no lock, since the collector may run while this very thread holds
-# the pool's lock); the next slow-path getconn or housekeeping round ends the borrow (rolled back).
+# The borrows held by decorated generators, keyed by a weak reference to the generator. When one is
+# garbage collected unfinished, the weakref's callback wakes its pool's housekeeper (one C call, safe
+# in a finalizer: see pgpool.housekeeping), whose round ends the borrow (rolled back) at once; so does
+# the pool's close(). A finalizer itself must do no more: it may run while this very thread holds the
+# pool's lock.
 held_by_generators: dict[
     weakref.ref[Any], tuple[Context, ConnectionBorrow[Any] | TransactionBorrow[Any], Generator[Any, Any, Any] | None]
 ] = {}
-finalized: deque[weakref.ref[Any]] = deque()
 
 
-def end_finalized_borrows() -> None:
-    """End the borrows of garbage-collected decorated generators (see `finalized`)."""
-    while finalized:
-        try:
-            ref = finalized.popleft()
-        except IndexError:
-            return  # taken by another thread meanwhile
-        entry = held_by_generators.get(ref)
-        if entry is None:
+def end_dropped_borrows() -> None:
+    """End the borrows of decorated generators garbage collected unfinished (rolled back)."""
+    for ref in [ref for ref in list(held_by_generators) if ref() is None]:  # list(): one atomic copy
+        end_held_borrow(ref)
+
+
+def end_generator_borrows(pool: ConnectionPool[Any]) -> None:
+    """End every borrow of `pool` held by a decorated generator (the pool is closing): dropped ones
+    here, live ones by the generator itself (its finally clauses run, then its borrow ends)."""
+    for ref, entry in list(held_by_generators.items()):
+        if entry[1]._pool is not pool:
             continue
-        ctx, borrow, inner = entry
-        try:
-            # The user's generator first: its finally clauses still use the connection, which must
-            # not go back to the pool (and to another borrower) before they have run.
-            if inner is not None:
-                try:
-                    ctx.run(inner.close)
-                except Exception:
-                    pass  # its own error; the borrow is rolled back below all the same
-            ctx.run(borrow.__exit__, GeneratorExit, GeneratorExit(), None)
-            held_by_generators.pop(ref, None)
-        except BaseException as exc:
+        generator = ref()
+        if generator is None:
+            end_held_borrow(ref)
+        else:
+            generator.end_for_closed_pool()
+            del generator
+
+
+def end_held_borrow(ref: weakref.ref[Any]) -> None:
+    """End one generator's borrow: the user's generator first (its finally clauses still use the
+    connection, which must not reach another borrower before they ran), then the borrow."""
+    entry = held_by_generators.pop(ref, None)  # atomic: of two threads ending it, one gets it
+    if entry is None:
+        return
+    ctx, borrow, inner = entry
+    try:
+        if inner is not None:
             try:
-                ctx.run(borrow.__exit__, type(exc), exc, None)  # idempotent: finishes an interrupted exit
-                held_by_generators.pop(ref, None)
-            except BaseException:
-                finalized.appendleft(ref)  # still held: the next caller ends it
-                raise
-            if not isinstance(exc, Exception):
-                raise
+                ctx.run(inner.close)
+            except Exception:
+                pass  # its own error; the borrow is rolled back below all the same
+        ctx.run(borrow.__exit__, GeneratorExit, GeneratorExit(), None)
+    except BaseException as exc:
+        try:
+            ctx.run(borrow.__exit__, type(exc), exc, None)  # idempotent: finishes an interrupted exit
+        except BaseException:
+            held_by_generators[ref] = entry  # still held (a store: no interrupt lands on it): retried
+            raise
+        if not isinstance(exc, Exception):
+            raise
+
+
+os.register_at_fork(after_in_child=held_by_generators.clear)  # the parent's borrows, disowned in the child

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextvars
 import inspect
-import threading
 import weakref
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, TypeVar, Union
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, Union
 import psycopg2.extensions
 import wrapt
 
-from .borrow import ConnectionBorrow, TransactionBorrow, connection_borrow, finalized, held_by_generators, thread_token
+from .borrow import ConnectionBorrow, TransactionBorrow, connection_borrow, held_by_generators, thread_token
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -87,20 +86,34 @@ def with_transaction(pool: PoolSource, *, argname: str = "conn") -> Callable[[F]
 def _decorator(pool: PoolSource, argname: str, transactional: bool) -> Callable[[F], F]:
     from .pool import ConnectionPool
 
+    decorator = "with_transaction" if transactional else "with_connection"
     if not isinstance(pool, ConnectionPool) and not callable(pool):
-        raise TypeError(f"expected a pgpool pool or a function returning one, got {pool!r}")
+        raise TypeError(f"{decorator}() expected a pgpool pool or a function returning one, got {pool!r}")
     if not isinstance(argname, str) or not argname.isidentifier():
         raise TypeError(f"argname must be a parameter name, got {argname!r}")
+    bare = _bare_decorator_use(pool, argname)
+    if bare is not None:
+        # @with_connection without (pool): the function itself came as the pool.
+        raise TypeError(
+            f"@{decorator} on {bare}() needs the pool: write @{decorator}(pool) "
+            f"or @{decorator}(lambda: app.pool), not a bare @{decorator}"
+        )
 
-    def get_pool() -> ConnectionPool[Any]:
+    def get_pool(fname: str) -> ConnectionPool[Any]:
         found = pool if isinstance(pool, ConnectionPool) else pool()
         if not isinstance(found, ConnectionPool):
-            raise TypeError(f"the pool factory {pool!r} returned {found!r}, not a pgpool pool")
+            raise TypeError(f"the pool factory of {fname}() returned {found!r}, not a pgpool pool")
         return found
 
     def decorate(func: F) -> F:
         target: Callable[..., Any] = getattr(func, "__func__", func)  # type: ignore[arg-type]  # classmethod etc.
         fname = getattr(target, "__qualname__", repr(target))
+        if isinstance(pool, type):
+            # The class itself would be "a function returning a pool": a new pool on every call.
+            raise TypeError(
+                f"@{decorator} on {fname}() got the class {pool.__name__}, not a pool: create the pool once "
+                f"(pool = {pool.__name__}(...)) and pass it, or a function returning it"
+            )
         if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
             raise TypeError(f"{fname}() is async: pgpool's decorators only support synchronous functions")
         position = _parameter_position(target, argname, fname)
@@ -118,7 +131,7 @@ def _decorator(pool: PoolSource, argname: str, transactional: bool) -> Callable[
                 _check_explicit(explicit, fname, argname)
                 return wrapped(*args, **kwargs)
             # None or BORROWED, by position or keyword, means "borrow one", like leaving it out.
-            the_pool = get_pool()
+            the_pool = get_pool(fname)
             if is_generator:
                 return BorrowingGenerator(the_pool, transactional, wrapped, args, kwargs, argname)
             return _call_with_borrow(the_pool, transactional, wrapped, args, kwargs, argname)
@@ -126,6 +139,28 @@ def _decorator(pool: PoolSource, argname: str, transactional: bool) -> Callable[
         return wrapt.FunctionWrapper(func, wrapper)  # type: ignore[arg-type,return-value]
 
     return decorate
+
+
+def _bare_decorator_use(candidate: object, argname: str) -> str | None:
+    """The name of the function, when `candidate` is the decorated function itself rather than a pool
+    factory (a factory takes no argument; a DAO function takes the connection parameter)."""
+    from .pool import ConnectionPool
+
+    if isinstance(candidate, (ConnectionPool, type)):
+        return None
+    if isinstance(candidate, (classmethod, staticmethod)):
+        return str(getattr(candidate.__func__, "__qualname__", repr(candidate)))
+    target = candidate  # a bound method's signature leaves self out: app.get_pool is a factory
+    try:
+        params = inspect.signature(target).parameters.values()  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    required = [
+        p for p in params if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if required or any(p.name == argname for p in params) or inspect.isgeneratorfunction(target):
+        return str(getattr(target, "__qualname__", repr(target)))
+    return None
 
 
 def _parameter_position(func: Callable[..., Any], argname: str, fname: str) -> int | None:
@@ -193,16 +228,15 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
     """A decorated generator: the user's generator, run with a borrow of its own.
 
     It never joins the caller's borrow, since it may outlive it: it takes its own connection at its
-    first step and keeps it until it is exhausted or closed (with `with_transaction`, its own
-    transaction: committed when exhausted, rolled back when it raises or is closed early). Each step
-    runs in a private copy of the context, so the borrow is visible inside the generator (nested
-    borrows there join it, from whichever thread runs the step) and never leaks into the code
-    iterating it.
+    first step and keeps it until it ends, whatever ends it: exhausted (with `with_transaction`,
+    committed), raising, closed, garbage collected unfinished (rolled back by the pool's housekeeper
+    at once), or its pool closed. Each step runs in a private copy of the context, so the borrow is
+    visible inside the generator (nested borrows there join it, from whichever thread runs the step)
+    and never leaks into the code iterating it.
 
     A class rather than a generator function: an interrupt that lands on the resumption of a Python
     generator can end its frame without running its ``finally`` clauses; here every step is a method
-    call whose cleanup runs again from `close` or, for a generator never finished, from a weakref
-    callback that is a single C call (see `pgpool.borrow.held_by_generators`).
+    call whose cleanup is run again when an interrupt lands on its entry.
     """
 
     _borrow: ConnectionBorrow[Any] | TransactionBorrow[Any] | None = None
@@ -226,7 +260,25 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
         self._own: Any = None  # the borrow in the private context, rebound to the running thread
         self._inner: Generator[Any, Any, Any] | None = None
         self._done = False
-        self._stepping = threading.Lock()  # held while a step runs: a second thread is refused
+        # Who is stepping it: a list, not a lock, since an interrupt landing right after a lock's
+        # acquire would leave it held for good; an append is undone by the finally that follows it.
+        self._steppers: list[object] = []
+
+    def _exclusive(self, action: Callable[..., Any], *args: Any) -> Any:
+        """Run `action` with the generator to this thread alone; a second thread is refused with
+        ValueError, as Python refuses to run a generator twice at once (nothing is touched)."""
+        me = object()
+        steppers = self._steppers
+        try:
+            steppers.append(me)
+            if steppers[0] is not me:
+                raise ValueError("generator already executing")
+            return action(*args)
+        finally:
+            try:
+                steppers.remove(me)
+            except ValueError:
+                pass
 
     def _start(self) -> None:
         """Borrow and create the user's generator (at the first step, as a generator would)."""
@@ -234,24 +286,22 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
         ctx = contextvars.copy_context()
         borrow: ConnectionBorrow[Any] | TransactionBorrow[Any]
         borrow = TransactionBorrow(pool, join=False) if self._transactional else connection_borrow(pool, join=False)
+        # Owned before it is entered (an exit before the enter does nothing): _finish ends it; for a
+        # generator dropped unfinished, the weakref's callback wakes the housekeeper, which ends it.
         self._ctx = ctx
-        conn = ctx.run(borrow.__enter__)
-        # Owned from here: _finish or close() gives it back; for a generator dropped unfinished, a
-        # weakref callback that is one C call queues it (see pgpool.borrow.held_by_generators).
         self._borrow = borrow
-        self._ref = weakref.ref(self, finalized.append)
-        held_by_generators[self._ref] = (ctx, borrow, None)
+        self._ref = ref = weakref.ref(self, pool._housekeeper.wakeups.put)
+        held_by_generators[ref] = (ctx, borrow, None)
+        conn = ctx.run(borrow.__enter__)
         self._own = ctx.run(pool._borrow.get)
         wrapped, args, kwargs, argname = self._call
         self._inner = ctx.run(wrapped, *args, **{**kwargs, argname: conn})
-        held_by_generators[self._ref] = (ctx, borrow, self._inner)  # closed first if it is dropped
+        held_by_generators[ref] = (ctx, borrow, self._inner)  # closed first if it is dropped
 
-    def _step(self, method: str, *args: Any) -> Any:
-        if self._done:
-            raise StopIteration
-        if not self._stepping.acquire(blocking=False):  # one C call: no two threads get past it
-            raise ValueError("generator already executing")  # as a generator says; nothing touched
+    def _advance(self, method: str, *args: Any) -> Any:
         try:
+            if self._done:
+                raise StopIteration  # ended meanwhile (its pool closed): as an exhausted generator
             if self._borrow is None:
                 self._start()
             assert self._ctx is not None and self._inner is not None
@@ -259,19 +309,27 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
                 self._own.thread = thread_token()  # the borrow follows the thread running it
             return self._ctx.run(getattr(self._inner, method), *args)
         except BaseException as exc:
-            self._finish(exc)
+            try:
+                self._finish(exc)
+            except BaseException:
+                self._finish(exc)  # an interrupt on its entry: it is idempotent
+                raise
             raise
-        finally:
-            self._stepping.release()
+
+    def _step(self, method: str, *args: Any) -> Any:
+        if self._done:
+            raise StopIteration
+        return self._exclusive(self._advance, method, *args)
 
     def _finish(self, exc: BaseException | None) -> None:
-        """End the borrow: success when the generator returned (StopIteration), else a rollback."""
+        """End the borrow: success when the generator returned (StopIteration), else a rollback.
+        Idempotent: called again, it finishes what an interrupt cut short, or does nothing."""
         borrow, ctx = self._borrow, self._ctx
         self._done = True
         if borrow is None or ctx is None:
             return
         if self._ref is not None:
-            held_by_generators.pop(self._ref, None)  # ended here: no finalizer needed
+            held_by_generators.pop(self._ref, None)  # ended here: the housekeeper need not
         failed = exc is not None and not isinstance(exc, StopIteration)
         error = (type(exc), exc, exc.__traceback__) if failed and exc is not None else (None, None, None)
         try:
@@ -279,6 +337,35 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
         except BaseException as exit_exc:
             ctx.run(borrow.__exit__, type(exit_exc), exit_exc, exit_exc.__traceback__)
             raise
+
+    def _close_inner(self) -> None:
+        if self._done:
+            return
+        try:
+            assert self._ctx is not None and self._inner is not None
+            self._ctx.run(self._inner.close)
+        except BaseException as exc:
+            try:
+                self._finish(exc)
+            except BaseException:
+                self._finish(exc)  # an interrupt on its entry: it is idempotent
+                raise
+            raise
+        try:
+            self._finish(GeneratorExit())
+        except BaseException:
+            self._finish(GeneratorExit())  # an interrupt on its entry: it is idempotent
+            raise
+
+    def end_for_closed_pool(self) -> None:
+        """Its pool is closing: close it now (its finally clauses run, its borrow ends, rolled back).
+        One being stepped by another thread ends its borrow when that step ends."""
+        try:
+            self.close()
+        except ValueError:
+            return  # stepped right now by another thread
+        except Exception:
+            pass  # its own error; the borrow ended all the same
 
     def send(self, value: Any) -> Any:
         if value is not None and self._borrow is None:
@@ -297,10 +384,4 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
         if self._done or self._borrow is None:
             self._done = True
             return
-        try:
-            assert self._ctx is not None and self._inner is not None
-            self._ctx.run(self._inner.close)
-        except BaseException as exc:
-            self._finish(exc)
-            raise
-        self._finish(GeneratorExit())
+        self._exclusive(self._close_inner)

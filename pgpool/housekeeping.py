@@ -1,17 +1,23 @@
 """The housekeeper: a background thread per pool for what must happen even when nobody calls it.
 
-Idle eviction, ``max_lifetime``, the ``minconn`` refill and leak reports happen here, not only when
-``putconn`` is called (the reference pool's documented weakness). The thread is a daemon, starts at the
-first ``getconn``, holds the pool only weakly (a forgotten pool can still be garbage collected) and
-stops on ``close()``.
+Idle eviction, ``max_lifetime``, the ``minconn`` refill, leak reports and the end of borrows held by
+decorated generators dropped unfinished happen here, not only when ``putconn`` is called (the
+reference pool's documented weakness). The thread is a daemon, starts at the first ``getconn``,
+holds the pool only weakly (a forgotten pool can still be garbage collected) and stops on ``close()``.
+
+It sleeps on a ``queue.SimpleQueue``, not a ``threading.Event``: putting into it is one C call that
+is safe from a weakref callback or a signal handler, and that no interrupt can split (an Event's
+``set`` takes a Python-level condition whose lock a signal landing inside ``__enter__`` leaves held
+for good, hanging every later ``set`` and ``wait``).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._maintenance import Maintenance
@@ -22,13 +28,13 @@ _JOIN_TIMEOUT = 5.0
 
 
 class Housekeeper:
-    """Runs ``pool._housekeep()`` periodically in a daemon thread."""
+    """Runs ``pool._housekeep()`` periodically in a daemon thread, and at once when woken."""
 
     def __init__(self, pool: Maintenance) -> None:
         self._pool = weakref.ref(pool)
         self._name = pool.name
-        self._stop = threading.Event()
-        self._wake = threading.Event()  # run a round now rather than at the next interval
+        self.wakeups: queue.SimpleQueue[Any] = queue.SimpleQueue()  # anything put here: a round now
+        self._stopped: list[bool] = []  # non-empty once stopped (a list: one C call sets it)
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self.started = False  # read without a lock on the getconn path: start() is idempotent
@@ -40,11 +46,11 @@ class Housekeeper:
         (a thread that did start meanwhile stops by itself with the pool).
         """
         with self._start_lock:
-            if self.started or self._stop.is_set():
+            if self.started or self._stopped:
                 return
             thread = threading.Thread(
                 target=_run,
-                args=(self._pool, self._stop, self._wake),
+                args=(self._pool, self._stopped, self.wakeups),
                 name=f"{self._name}-housekeeper",
                 daemon=True,
             )
@@ -54,11 +60,11 @@ class Housekeeper:
 
     def kick(self) -> None:
         """Ask for a round of housekeeping now (e.g. to refill minconn after clear())."""
-        self._wake.set()
+        self.wakeups.put(None)
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
+        self._stopped.append(True)
+        self.wakeups.put(None)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             try:
@@ -67,13 +73,17 @@ class Housekeeper:
                 pass  # never started (its start was interrupted): nothing to wait for
 
 
-def _run(pool_ref: weakref.ref[Maintenance], stop: threading.Event, wake: threading.Event) -> None:
+def _run(pool_ref: weakref.ref[Maintenance], stopped: list[bool], wakeups: queue.SimpleQueue[Any]) -> None:
     delay = 0.0
     while True:
         try:
-            wake.wait(delay)
-            wake.clear()
-            if stop.is_set():
+            try:
+                wakeups.get(timeout=delay)
+            except queue.Empty:
+                pass
+            while not wakeups.empty():  # several wake-ups queued: one round serves them all
+                wakeups.get_nowait()
+            if stopped:
                 return
             pool = pool_ref()
             if pool is None:

@@ -35,8 +35,7 @@ from ._maintenance import Maintenance
 from ._returning import Returning
 from ._state import TIDY, PoolState
 from ._views import ReturnTimes
-from .borrow import finalized
-from .errors import PoolError
+from .errors import PoolClosed, PoolError
 from .housekeeping import Housekeeper
 
 __all__ = ["ConnectionPool", "PoolStats", "ThreadSafeConnectionPool"]
@@ -99,9 +98,10 @@ class ConnectionPool(Lending, Returning, Maintenance, Generic[C]):
 
     Attributes, as in ``psycopg2_pool``: `minconn`, `maxconn`, `idle_timeout`, `connect_kwargs`;
     `idle_connections` (a snapshot deque, the most recently returned on the right: last in, first
-    out); `connections_in_use` (a weak set snapshot of the lent connections); `return_times` (a live
-    mapping, idle connection -> ``time.monotonic()`` of its return; setting an entry ages that
-    connection, as psycopg2_pool's own tests do). Read them; changing the snapshots changes nothing.
+    out); `connections_in_use` (a weak set snapshot of the lent connections); `return_times` (a dict
+    snapshot, idle connection -> ``time.monotonic()`` of its return; setting an entry ages that
+    connection, as psycopg2_pool's own tests do). Read them; changing the snapshots changes nothing
+    else.
 
     The pool has a lock even in this single-threaded class, because its housekeeping thread changes
     its state too. This class refuses ``timeout > 0``: with one thread, nobody could return a
@@ -206,7 +206,8 @@ class ConnectionPool(Lending, Returning, Maintenance, Generic[C]):
 
     @property
     def return_times(self) -> ReturnTimes:
-        """Idle connection -> ``time.monotonic()`` of its return; writable, as in psycopg2_pool."""
+        """Idle connection -> ``time.monotonic()`` of its return, a `dict` (a snapshot, as in
+        psycopg2_pool); setting an entry ages that connection in the pool."""
         return ReturnTimes(self._state)
 
     @property
@@ -230,7 +231,7 @@ class ConnectionPool(Lending, Returning, Maintenance, Generic[C]):
         `key`, as in ``psycopg2.pool``: the same key gets the same connection until it is put back.
         """
         wait = self.timeout if timeout is None else self._checked_timeout(timeout)  # first: a bad one raises
-        if key is None and self._fast_lend and not finalized:
+        if key is None and self._fast_lend:
             item = self._state.lend_fast(_monotonic())
             if item is not None:
                 return item[0]  # type: ignore[return-value]  # opened by connection_factory
@@ -239,6 +240,8 @@ class ConnectionPool(Lending, Returning, Maintenance, Generic[C]):
         return self._lend(wait)[0]  # type: ignore[return-value]  # opened by connection_factory
 
     def _getconn_keyed(self, key: Any, wait: float) -> C:
+        if self._state.closed:
+            raise PoolClosed(f"pool {self.name!r} is closed")  # its keyed connections are not lent again
         held = self._keys.get(key)
         if held is not None:
             return held
@@ -264,23 +267,18 @@ class ConnectionPool(Lending, Returning, Maintenance, Generic[C]):
         state = self._state
         conn_id = id(conn)
         info = state.lent.get(conn_id)  # one atomic dict read
-        if info is not None and close is False and key is None and self._fast_return and not self._keys:
-            fast_lease = info.lease
-            try:
+        # The borrow being returned, to finish it (and only it) after an interrupt: read before
+        # anything changes, since a finished return may hand the connection to a waiter (a new lease).
+        lease = None if info is None else info.lease
+        if close is not False and close is not True:
+            raise TypeError(f"close must be True or False, got {close!r} (pool {self.name!r})")
+        try:
+            if info is not None and close is False and key is None and self._fast_return and not self._keys:
                 done = state.return_fast(conn, conn_id, info, _monotonic())  # type: ignore[arg-type]
                 if done is not None:
                     if done is TIDY:
                         self._tidy()
                     return
-            except BaseException:
-                self._return(conn, fast_lease)  # type: ignore[arg-type]  # idempotent: finishes this borrow only
-                raise
-        if not isinstance(close, bool):
-            raise TypeError(f"close must be True or False, got {close!r} (pool {self.name!r})")
-        lease = None  # the borrow being returned, to finish it (and only it) after an interrupt
-        if info is not None and info.ref() is conn:
-            lease = info.lease
-        try:
             if key is not None or self._keys:
                 conn = self._unkey(conn, key)
             if not isinstance(conn, Connection):
@@ -293,10 +291,10 @@ class ConnectionPool(Lending, Returning, Maintenance, Generic[C]):
         except PoolError:
             raise
         except BaseException:
-            if isinstance(conn, Connection) and lease is not None:
-                # Finish this borrow's return if the interrupt stopped it; a connection lent again
-                # meanwhile (another lease) is someone else's and is left alone.
-                self._return(conn, lease, close)
+            if lease is not None and info is not None and info.ref() is conn:
+                # Finish this borrow's return if the interrupt stopped it (idempotent); a connection
+                # lent again meanwhile (another lease) is someone else's and is left alone.
+                self._return(conn, lease, close)  # type: ignore[arg-type]
             raise
 
     def _unkey(self, conn: C | None, key: Any) -> C | None:
@@ -335,16 +333,21 @@ class ConnectionPool(Lending, Returning, Maintenance, Generic[C]):
     def close(self) -> None:
         """Close the pool: idle connections now, lent ones when they come back.
 
-        Threads waiting in `getconn` get `PoolClosed`, and so does every later `getconn`. Calling it
-        again does nothing.
+        Decorated generators holding a connection of this pool are closed (their ``finally`` clauses
+        run, their transaction is rolled back) and their sessions closed before this returns; one
+        that another thread is stepping at that moment ends with that step. Threads waiting in
+        `getconn` get `PoolClosed`, and so does every later `getconn`. Calling it again does nothing.
         """
         to_close: list[tuple[Connection, str]] = []
         try:
             first = self._state.close(to_close)
             self._close_dropped(to_close)
+            if borrow.held_by_generators:
+                borrow.end_generator_borrows(self)  # their sessions are closed as they come back
         except BaseException:
             self._state.close(to_close)  # idempotent: finishes what an interrupt cut short
             self._close_dropped(to_close)
+            borrow.end_generator_borrows(self)
             raise
         if first:
             self._housekeeper.stop()  # it would stop by itself at its next round: the pool is closed

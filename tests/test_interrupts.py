@@ -20,12 +20,18 @@ pytestmark = pytest.mark.needs_session
 
 
 @pytest.fixture(autouse=True)
-def sweep_table(admin):
+def sweep_table(admin, app_name):
     with admin.cursor() as cur:
+        cur.execute("SET lock_timeout = '10s'")  # a session a failed sweep left in a transaction
         cur.execute("CREATE TABLE IF NOT EXISTS sweep_items (tag int, n int)")
         cur.execute("TRUNCATE sweep_items")
     yield
+    for conn in KeptConnection.kept:  # what a failed run lost: never left to hold sweep_items' locks
+        if not conn.closed:
+            conn.close()
     KeptConnection.kept.clear()
+    with admin.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (app_name,))
 
 
 _tags = iter(range(1, 10**9))
@@ -188,6 +194,60 @@ def op_decorated_generator_dropped_unfinished(run: Run) -> None:
     del gen  # finalized: its borrow is ended by the next getconn
 
 
+def _reader(pool):
+    @pgpool.with_connection(pool)
+    def rows(conn: psycopg2.extensions.connection):
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO sweep_items VALUES (-1, 0)")  # never committed by with_connection
+            received = yield 1
+            yield received
+            yield 3
+
+    return rows
+
+
+def op_connection_generator_exhausted(run: Run) -> None:
+    assert list(_reader(run.pool)()) == [1, None, 3]
+
+
+def op_generator_sent_to(run: Run) -> None:
+    gen = _reader(run.pool)()
+    assert next(gen) == 1
+    assert gen.send("x") == "x"
+    gen.close()
+
+
+def op_transaction_generator_thrown_into(run: Run) -> None:
+    run.rows_tag, run.rows_all = next(_tags), 0  # the error ends it: rolled back
+
+    @pgpool.with_transaction(run.pool)
+    def produce(tag: int, conn: psycopg2.extensions.connection):
+        _insert_two(conn, tag)
+        yield 1
+        yield 2
+
+    gen = produce(run.rows_tag)
+    next(gen)
+    try:
+        gen.throw(ValueError("stop"))
+    except ValueError:
+        pass
+
+
+def op_transaction_generator_pool_closed(run: Run) -> None:
+    run.rows_tag, run.rows_all = next(_tags), 0  # its pool closed under it: rolled back
+
+    @pgpool.with_transaction(run.pool)
+    def produce(tag: int, conn: psycopg2.extensions.connection):
+        _insert_two(conn, tag)
+        yield 1
+        yield 2
+
+    gen = produce(run.rows_tag)
+    next(gen)
+    run.pool.close()
+
+
 def op_clear(run: Run) -> None:
     run.pool.clear()
 
@@ -210,30 +270,40 @@ OPERATIONS = {
     "decorated-generator": (nothing, op_decorated_generator),
     "decorated-generator-closed-early": (nothing, op_decorated_generator_closed_early),
     "decorated-generator-dropped-unfinished": (nothing, op_decorated_generator_dropped_unfinished),
+    "connection-generator-exhausted": (nothing, op_connection_generator_exhausted),
+    "generator-sent-to": (one_idle, op_generator_sent_to),
+    "transaction-generator-thrown-into": (nothing, op_transaction_generator_thrown_into),
+    "transaction-generator-pool-closed": (one_idle, op_transaction_generator_pool_closed),
     "clear": (two_idle_one_lent, op_clear),
     "close-with-lent": (two_idle_one_lent, op_close),
 }
 
 
-def sessions_of(admin: psycopg2.extensions.connection, app_name: str) -> int:
+def sessions_of(admin: psycopg2.extensions.connection, app_name: str, state: str | None = None) -> int:
     with admin.cursor() as cur:
-        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app_name,))
+        cur.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND (%s IS NULL OR state = %s)",
+            (app_name, state, state),
+        )
         return int(cur.fetchone()[0])
 
 
-def wait_for_sessions(admin, app_name: str, want: int, timeout: float = 5.0, at_most: bool = False) -> int:
+def wait_for_sessions(
+    admin, app_name: str, want: int, timeout: float = 5.0, at_most: bool = False, state: str | None = None
+) -> int:
     """The server lists a backend until it has exited, a moment after its client closed: poll."""
     deadline = time.monotonic() + timeout
     while True:
-        seen = sessions_of(admin, app_name)
+        seen = sessions_of(admin, app_name, state)
         if (seen <= want if at_most else seen == want) or time.monotonic() > deadline:
             return seen
         time.sleep(0.01)
 
 
+@pytest.mark.parametrize("where", ["python-calls", "c-calls"])
 @pytest.mark.parametrize("pool_cls", [ConnectionPool, ThreadSafeConnectionPool], ids=["plain", "threadsafe"])
 @pytest.mark.parametrize("operation", list(OPERATIONS))
-def test_an_interrupt_at_any_call_inside_pgpool_loses_nothing(pool_cls, operation, dsn, app_name, admin):
+def test_an_interrupt_at_any_call_inside_pgpool_loses_nothing(pool_cls, operation, where, dsn, app_name, admin):
     setup, op = OPERATIONS[operation]
 
     def make_pool():
@@ -249,6 +319,12 @@ def test_an_interrupt_at_any_call_inside_pgpool_loses_nothing(pool_cls, operatio
     def check(run: Run, tracer: Interrupter) -> None:
         where = f"{operation}, interrupt at call {tracer.n} ({tracer.fired_at})"
         pool = run.pool
+        if not run.held:
+            # Whatever ended the borrows (their blocks, a generator's end, the housekeeper for one
+            # dropped unfinished, close()), no session is left holding a transaction, with no
+            # further call on the pool.
+            left = wait_for_sessions(admin, app_name, 0, 3, state="idle in transaction")
+            assert left == 0, f"{left} session(s) left idle in transaction: {where}"
         for conn in run.given_back:
             info = pool._state.info_of(conn)
             assert info is None or info.state != "lent", f"a returned connection is still lent: {where}"
@@ -265,7 +341,7 @@ def test_an_interrupt_at_any_call_inside_pgpool_loses_nothing(pool_cls, operatio
                 except PoolError:
                     pass
         assert wait_for_sessions(admin, app_name, MAXCONN, 2, at_most=True) <= MAXCONN, f"over maxconn: {where}"
-        timeout = {"timeout": 5} if pool_cls is ThreadSafeConnectionPool else {}
+        timeout = {"timeout": 1} if pool_cls is ThreadSafeConnectionPool else {}
         try:
             lent = [pool.getconn(**timeout) for _ in range(MAXCONN)]
         except PoolError as exc:
@@ -289,5 +365,5 @@ def test_an_interrupt_at_any_call_inside_pgpool_loses_nothing(pool_cls, operatio
         pool.close()
         assert wait_for_sessions(admin, app_name, 0) == 0, f"sessions left after close(): {where}"
 
-    calls = sweep(make_pool, setup, op, check)
+    calls = sweep(make_pool, setup, op, check, c_calls=where == "c-calls")
     assert calls > 1

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import psycopg2
 import psycopg2.extensions
 import pytest
@@ -9,6 +12,7 @@ import pytest
 from pgpool import PoolTimeout, ThreadSafeConnectionPool
 
 from ..embedded_pg import EmbeddedPostgres
+from ..helpers import closed_port
 
 pytestmark = pytest.mark.faults
 
@@ -74,12 +78,39 @@ def test_a_missing_database_reaches_the_caller_and_loses_no_slot(dsn):
         assert pool.stats()["connect_errors"] == 3
 
 
-def test_a_refused_connect_with_a_timeout_becomes_a_pool_timeout_with_the_cause(dsn):
-    with ThreadSafeConnectionPool(minconn=0, maxconn=1, dsn=dsn, dbname="pgpool_no_such_db") as pool:
-        with pytest.raises(PoolTimeout, match="does not exist") as info:
+def test_a_refused_connect_with_a_timeout_becomes_a_pool_timeout_with_the_cause():
+    with ThreadSafeConnectionPool(minconn=0, maxconn=1, host="127.0.0.1", port=closed_port()) as pool:
+        with pytest.raises(PoolTimeout, match="refused") as info:
             pool.getconn(timeout=0.3)
         assert isinstance(info.value.__cause__, psycopg2.OperationalError)
         assert_no_slot_lost(pool)
+
+
+@pytest.mark.parametrize(
+    ("setting", "said"),
+    [({"dbname": "pgpool_no_such_db"}, "does not exist"), ({"user": "pgpool_no_such_role"}, "does not exist")],
+    ids=["database", "role"],
+)
+def test_a_database_or_role_that_does_not_exist_is_raised_at_once_not_retried(dsn, setting, said, caplog):
+    """A typo in the settings: waiting the whole timeout would only delay the real error."""
+    caplog.set_level(logging.WARNING, logger="pgpool")
+    with ThreadSafeConnectionPool(minconn=0, maxconn=1, dsn=dsn, timeout=5, **setting) as pool:
+        begun = time.monotonic()
+        with pytest.raises(psycopg2.OperationalError, match=said):
+            pool.getconn()
+        assert time.monotonic() - begun < 2, "retried a connect no retry can fix"
+        assert pool.stats()["connect_errors"] == 1
+        assert said in caplog.text, "the failed connect was not logged when it happened"
+        assert_no_slot_lost(pool)
+
+
+def test_a_permanent_connect_error_at_construction_is_logged_and_raised_at_once(dsn, caplog):
+    caplog.set_level(logging.WARNING, logger="pgpool")
+    begun = time.monotonic()
+    with pytest.raises(psycopg2.OperationalError, match="does not exist"):
+        ThreadSafeConnectionPool(minconn=1, maxconn=1, dsn=dsn, timeout=5, dbname="pgpool_no_such_db")
+    assert time.monotonic() - begun < 2
+    assert "does not exist" in caplog.text
 
 
 @pytest.fixture
@@ -105,8 +136,10 @@ def test_a_wrong_password_reaches_the_caller_masked_and_loses_no_slot(dsn, passw
     with ThreadSafeConnectionPool(minconn=0, maxconn=1, dsn=dsn, user=password_role, password="wrong-password") as pool:
         with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
             pool.getconn()
-        with pytest.raises(PoolTimeout, match="password authentication failed") as info:
-            pool.getconn(timeout=0.2)
+        begun = time.monotonic()
+        with pytest.raises(psycopg2.OperationalError, match="password authentication failed") as info:
+            pool.getconn(timeout=5)  # a wrong password is refused for good: raised at once, not retried
+        assert time.monotonic() - begun < 2
         assert "wrong-password" not in str(info.value)
         assert "wrong-password" not in caplog.text
         assert_no_slot_lost(pool)
