@@ -14,6 +14,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
+from ._failover import ServerTarget, server_of
 from ._records import Claim, ConnInfo
 from ._secrets import find_secrets, redact
 
@@ -176,9 +177,15 @@ class Connector:
     """Opens the connections of one pool: ``psycopg2.connect`` with its settings, then `configure`."""
 
     def __init__(
-        self, pool_name: str, connect_kwargs: dict[str, Any], configure: Hook | None, max_lifetime: float | None
+        self,
+        pool_name: str,
+        connect_kwargs: dict[str, Any],
+        configure: Hook | None,
+        max_lifetime: float | None,
+        target: ServerTarget | None = None,
     ) -> None:
         self.pool_name = pool_name
+        self.target = target
         self.connect_kwargs = connect_kwargs
         self.configure = configure
         self.max_lifetime = max_lifetime
@@ -228,6 +235,15 @@ class Connector:
         claim.new_conn = psycopg2.connect(**self.connect_kwargs)
         claim.connect_seconds = time.monotonic() - started
         conn = claim.new_conn
+        if self.target is not None and self.target.checks:
+            # libpq checked when it chose the server; the server may have changed since (promoted,
+            # demoted): refused like a server that is not up yet, so that a timeout retries it.
+            unwanted = self.target.unwanted(conn)
+            if unwanted is not None:
+                raise psycopg2.OperationalError(
+                    f"connected to {server_of(conn)}, but it is not what target_session_attrs="
+                    f"{self.target.attrs} asks for: {unwanted}"
+                )
         if self.configure is not None:
             self.configure(conn)
             if conn.get_transaction_status() != _STATUS_IDLE:

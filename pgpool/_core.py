@@ -17,6 +17,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
+from . import _failover
 from ._connect import Connector, backoff, retryable
 from ._records import Claim
 from ._state import PoolState
@@ -51,6 +52,7 @@ class PoolCore:
     leak_timeout: float | None
     _state: PoolState  # idle, lent, opening, closing, waiting: every change goes through it
     _connector: Connector  # opens connections with the pool's settings
+    _target: _failover.ServerTarget  # the kind of server target_session_attrs asks for
     _housekeeper: Housekeeper
     _borrow: ContextVar[Borrow | None]  # the borrow in progress in this context (pgpool.borrow)
     _keys: dict[Any, Any]  # psycopg2.pool's getconn(key): key -> its connection
@@ -87,7 +89,10 @@ class PoolCore:
 
     def _open(self, claim: Claim) -> None:
         """Open a connection in the claim's slot (see `Connector.open`) and tell the metrics listener."""
+        generation = self._state.generation  # before the connect: one that straddles an eviction is old
         self._connector.open(claim)
+        if claim.new_info is not None:
+            claim.new_info.generation = generation
         if self._events is not None:
             self._emit("opened", claim.connect_seconds)
 
@@ -130,6 +135,31 @@ class PoolCore:
             what = "connect error" if retryable(error) else "error"
             msg += f"; last {what}: {self._connector.redact(str(error).strip())}"
         return msg
+
+    def _evict(self, conn: Connection | None, reason: str) -> bool:
+        """A sign that `conn`'s server is no longer what the pool wants (or drain() without one): start
+        a new generation, close the idle connections, log one WARNING per round (see PoolState.evict)."""
+        seen = None
+        if conn is not None:
+            info = self._state.info_of(conn)
+            if info is None:
+                return False  # not ours (any more): its pool's generation is not at stake
+            seen = info.generation
+        to_close: list[tuple[Connection, str]] = []
+        try:
+            started = self._state.evict(seen, to_close)
+            if started:
+                server = _failover.server_of(conn) if conn is not None else "every server"
+                logger.warning(
+                    "pool %r: evicting connections opened before now: server %s: %s", self.name, server, reason
+                )
+            self._close_dropped(to_close)
+        except BaseException:
+            self._close_dropped(to_close)  # consumes what is left, so safe after a partial run
+            raise
+        if started:
+            self._after_drop()
+        return started
 
     def _after_drop(self) -> None:
         """Reopen connections up to minconn: here, as psycopg2_pool does, or in the background."""

@@ -37,6 +37,8 @@ class Maintenance(PoolCore):
             self._state.housekeeping_drops(now, self.max_lifetime is not None, to_close)
         finally:
             self._close_dropped(to_close)
+        if self._state.checks_server:
+            self._evict_unwanted_idle()
         self._report_leaks(now)
         if self._refill_in_background:
             self._refill()
@@ -73,6 +75,15 @@ class Maintenance(PoolCore):
             if reason is not None:
                 reason = f"broken: {reason} while idle"
             self._state.finish_return(conn, info, reason, time.monotonic(), to_close)
+
+    def _evict_unwanted_idle(self) -> None:
+        """An idle connection whose server reported it is no longer what the pool wants (a round
+        trip of the signalled-idle check brought the news): a new generation."""
+        for conn in self._state.idle_snapshot():
+            unwanted = self._target.unwanted(conn)
+            if unwanted is not None:
+                self._evict(conn, unwanted)
+                return
 
     def _housekeeping_interval(self) -> float:
         intervals = [5.0]

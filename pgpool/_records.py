@@ -48,6 +48,7 @@ class ConnInfo:
         "encoding",
         "encoding_id",
         "expires",
+        "generation",
         "isolation_level",
         "lease",
         "lends",
@@ -88,6 +89,7 @@ class ConnInfo:
         self.used = 0.0  # seconds spent lent, over all its lends
         self.ref = ConnRef(conn)  # replaced, with a callback, when the pool counts it (PoolState.adopt)
         self.stack: list[str] | None = None  # where it was borrowed, when leak_timeout is set
+        self.generation = 0  # the pool's generation when its connect began (see PoolState.evict)
 
 
 class Waiter:

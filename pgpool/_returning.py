@@ -47,6 +47,10 @@ class Returning(PoolCore):
         try:
             info = state.begin_return(conn, now, lease)  # PoolError: refused, nothing changed
             reason = _session.return_problem(conn, close)
+            if reason is None and self._state.checks_server:
+                unwanted = self._target.unwanted(conn)  # what the server reported: no round trip
+                if unwanted is not None:
+                    self._evict(conn, unwanted)  # this connection's generation ends: dropped below
             if reason is None:
                 reason = _session.clean_returned(conn, info, self.reset, self.configure, self._connector.redact)
                 if reason is not None and reason.startswith("reset failed"):

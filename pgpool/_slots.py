@@ -32,6 +32,7 @@ COUNTERS = (
     "leaked",
     "wait_ms_total",
     "connect_ms_total",
+    "evictions",
 )
 
 
@@ -67,6 +68,10 @@ class Slots:
         self.keeps_returns = idle_timeout > 0  # a clean return may stay idle: not closed, idle_timeout
         self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
         self.evict_at = math.inf  # no idle connection outlives idle_timeout before then (_evict_idle)
+        # Bumped when the server stopped being what the pool wants (failover) or by drain(): older
+        # connections are closed, idle ones at once, lent ones when they come back.
+        self.generation = 0
+        self.checks_server = False  # target_session_attrs asks for a kind of server (pgpool._failover)
         self.retired_lends = 0  # lends and use time of connections no longer counted in `conns`
         self.retired_used = 0.0
 

@@ -77,6 +77,7 @@ class PoolState(Slots):
             if (
                 conn.get_transaction_status() != _STATUS_IDLE  # the server's word; UNKNOWN once closed
                 or now >= info.expires
+                or info.generation != self.generation  # opened before a failover or drain()
                 or (self.idle_timeout and now - info.returned_at > self.idle_timeout)
                 or (probe_due and info.probe.poll(0))  # the server sent something: look closer
             ):
@@ -107,7 +108,7 @@ class PoolState(Slots):
         # A connection garbage collected while lent leaves its entry until the next slow step purges
         # it, and its id may be another object's by then: until that purge, the slow path. Otherwise
         # ids are unique among live objects, so the entry is this very connection.
-        if self.collected or not self.keeps_returns or now >= info.expires:
+        if self.collected or not self.keeps_returns or now >= info.expires or info.generation != self.generation:
             return None
         status = conn.get_transaction_status()
         if (
@@ -115,6 +116,7 @@ class PoolState(Slots):
             # reads and C calls, inline (this is the hottest line of the pool).
             (status != _STATUS_IDLE and status != _STATUS_INTRANS and status != _STATUS_INERROR)
             or info.sticky
+            or (status == _STATUS_INERROR and self.checks_server)  # an error: is the server still right?
             or conn.autocommit != info.autocommit
             or conn.isolation_level != info.isolation_level
             or conn.readonly != info.readonly
@@ -206,6 +208,8 @@ class PoolState(Slots):
                     reason = "not idle on the server"
                 elif now >= info.expires:
                     reason = "max_lifetime reached"
+                elif info.generation != self.generation:
+                    reason = "opened before a failover or drain()"
                 elif (
                     self.idle_timeout
                     and now - info.returned_at > self.idle_timeout
@@ -403,6 +407,8 @@ class PoolState(Slots):
                 reason = "idle_timeout is 0 and minconn are idle"
             elif now >= info.expires:
                 reason = "max_lifetime reached"
+            elif info.generation != self.generation:
+                reason = "opened before a failover or drain()"
         if reason is not None:
             if reason.startswith(("broken", "returned closed", "cleanup failed", "reset")):
                 self.counters["broken_discarded"] += 1
@@ -417,6 +423,19 @@ class PoolState(Slots):
             self.idle.append((conn, info))
         if self.idle_timeout and self.idle:
             self._evict_idle(now, to_close)
+
+    def evict(self, seen: int | None, to_close: ToClose) -> bool:
+        """Start a new generation: every idle connection goes to `to_close`, lent ones are dropped
+        when they come back, new connects choose their server again. With `seen` (the generation of
+        the connection that saw a sign of failover), only if no round started since: several
+        borrowers seeing the same failover make one round. Returns whether a round started."""
+        with self.lock:
+            if self.closed or (seen is not None and seen != self.generation):
+                return False
+            self.generation += 1
+            self.counters["evictions"] += 1
+            self._drop_all_idle("opened before a failover or drain()", to_close)
+            return True
 
     def tidy(self, now: float, to_close: ToClose) -> None:
         """After a fast return: serve waiters, evict old idle connections, empty a closed pool."""

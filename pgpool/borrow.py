@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import psycopg2.extensions
 
-from . import _fork
+from . import _failover, _fork
 from ._state import TIDY
 from .errors import TransactionRolledBack
 
@@ -160,6 +160,10 @@ class ConnectionBorrow(Borrow, Generic[C]):
                 # Ended in another context (a generator finished in another thread): that context
                 # keeps an ended borrow, which nothing joins.
                 pass
+            if exc_type is not None:
+                reason = _failover.eviction_reason(exc)
+                if reason is not None:  # the server was demoted or is going away: a new generation
+                    pool._evict(conn, reason)
             state = pool._state
             conn_id = id(conn)
             info = state.lent.get(conn_id)  # one atomic dict read

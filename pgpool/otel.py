@@ -114,6 +114,13 @@ class _Instruments:
             unit="{request}",
             description="The number of current pending requests for an open connection",
         )
+        # Not in the semantic conventions: pgpool's own, named in its namespace.
+        self.evictions = meter.create_observable_counter(
+            "pgpool.connection.evictions",
+            [self._observe_evictions],
+            unit="{eviction}",
+            description="Rounds of closing every connection opened before: a failover seen, or drain()",
+        )
         self.timeouts = meter.create_counter(
             "db.client.connection.timeouts",
             unit="{timeout}",
@@ -162,6 +169,10 @@ class _Instruments:
     def _observe_pending_requests(self, options: CallbackOptions) -> Iterable[Observation]:
         for stats, attributes in self._stats():
             yield Observation(stats["waiting"], attributes)
+
+    def _observe_evictions(self, options: CallbackOptions) -> Iterable[Observation]:
+        for stats, attributes in self._stats():
+            yield Observation(stats["evictions"], attributes)
 
 
 class _Listener:

@@ -30,6 +30,7 @@ import psycopg2.extensions
 from . import _fork, borrow
 from ._connect import Connector
 from ._core import is_number
+from ._failover import ServerTarget
 from ._lending import Lending
 from ._maintenance import Maintenance
 from ._returning import Returning
@@ -86,6 +87,7 @@ class PoolStats(TypedDict):
     wait_ms_total: int
     usage_ms_total: int  # time connections spent lent
     connect_ms_total: int
+    evictions: int  # rounds of closing every connection opened before: a failover seen, or drain()
 
 
 class ConnectionPool(Lending, Returning, Maintenance, Generic[C]):
@@ -141,8 +143,14 @@ class ConnectionPool(Lending, Returning, Maintenance, Generic[C]):
         self.leak_timeout = leak_timeout
         connect_kwargs.setdefault("dsn", "")
         self.connect_kwargs = connect_kwargs
-        self._connector = Connector(self.name, connect_kwargs, configure, max_lifetime)
+        self._connector = Connector(self.name, connect_kwargs, configure, max_lifetime)  # checks them first
+        try:
+            self._target = ServerTarget(connect_kwargs)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (pool {self.name!r})") from None
+        self._connector.target = self._target
         self._state = PoolState(self.name, minconn, maxconn, idle_timeout)
+        self._state.checks_server = self._target.checks
         self._housekeeper = Housekeeper(self)
         self._borrow = borrow.new_borrow_var(self.name)
         self._keys: dict[Any, C] = {}  # psycopg2.pool's getconn(key): key -> its connection
@@ -352,6 +360,12 @@ class ConnectionPool(Lending, Returning, Maintenance, Generic[C]):
         if first:
             self._housekeeper.stop()  # it would stop by itself at its next round: the pool is closed
             logger.info("pool %r: closed", self.name)
+
+    def drain(self) -> None:
+        """Replace every connection: idle ones are closed now, lent ones when they come back, and new
+        ones choose their server again (libpq's host selection). For operators and scripts after a
+        switchover; the pool does the same by itself when a connection shows its server was demoted."""
+        self._evict(None, "drain() called")
 
     def closeall(self) -> None:
         """Close the pool (``psycopg2.pool``'s name for `close`)."""

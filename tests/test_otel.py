@@ -39,6 +39,7 @@ ALL_METRICS = {
     "db.client.connection.create_time",
     "db.client.connection.wait_time",
     "db.client.connection.use_time",
+    "pgpool.connection.evictions",
 }
 
 
@@ -377,3 +378,14 @@ def test_instrument_without_a_provider_uses_the_global_one(dsn):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "db.client.connection.use_time {'db.client.connection.pool.name': 'global'} 1"
+
+
+def test_evictions_are_reported_as_they_happen(dsn, metrics):
+    """pgpool's own counter: each drain() (or failover seen) is one round."""
+    with ThreadSafeConnectionPool(minconn=1, maxconn=2, name="evictions", dsn=dsn) as pool:
+        pgpool.otel.instrument(pool, metrics.provider)
+        assert metrics.value("pgpool.connection.evictions", "evictions") == 0
+        pool.drain()
+        pool.drain()
+        assert metrics.value("pgpool.connection.evictions", "evictions") == 2 == pool.stats()["evictions"]
+        assert metrics.units["pgpool.connection.evictions"] == "{eviction}"
