@@ -42,8 +42,8 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class PoolTimeout(pgpool.PoolTimeout, postgresql.Database.OperationalError):  # type: ignore[misc,name-defined]
-    """No connection within the pool's timeout; Django reports it as ``django.db.OperationalError``,
-    as it does psycopg_pool's timeouts."""
+    """No connection within the pool's timeout (at once with ``timeout=0``, when ``maxconn`` are lent);
+    Django reports it as ``django.db.OperationalError``, as it does psycopg_pool's timeouts."""
 
     __module__ = "pgpool.django"
 
@@ -171,7 +171,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                 # test database is being dropped): the registry makes a new one.
                 pool = self._pool_for(conn_params, options)
                 conn = pool.getconn()
-        except pgpool.PoolTimeout as exc:
+        except pgpool.PoolClosed:
+            raise
+        except pgpool.PoolError as exc:  # PoolTimeout, or an exhausted pool with timeout=0
             raise PoolTimeout(*exc.args) from exc
         self._lender = pool
         self._lent_in = _generation
