@@ -36,7 +36,7 @@ myst_heading_anchors = 3  # README's in-page links (#commit-and-rollback-rules) 
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
-autodoc_default_options = {"members": True, "show-inheritance": True}
+autodoc_default_options = {"members": True}  # bases shown where they help (errors), not private parts
 
 REPOSITORY = "https://github.com/pgpool-dev/pgpool"
 # A Markdown link (not an image) to a path, not to a URL or an anchor: README links files of the
@@ -55,6 +55,8 @@ def setup(app: object) -> None:
 
 
 html_theme = "alabaster"
+html_static_path = ["_static"]
+html_css_files = ["wrap.css"]  # code blocks wrap rather than cut long lines (README's comments)
 html_title = f"pgpool {release}"
 html_theme_options = {
     "description": "A connection pool for psycopg2 that cannot leak",

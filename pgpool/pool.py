@@ -66,7 +66,20 @@ def _check_hook(name: str, hook: object) -> None:
 
 
 class PoolStats(TypedDict):
-    """What `ConnectionPool.stats` returns: sizes, current counts, and counters that only grow."""
+    """What `ConnectionPool.stats` returns: sizes, current counts, and counters that only grow.
+
+    - ``name``, ``minconn``, ``maxconn``: the pool's settings.
+    - ``idle``: idle connections; ``in_use``: lent, or being returned; ``opening``: connects in
+      progress; ``closing``: closes in progress (their slots still taken); ``waiting``: threads
+      waiting in `getconn`.
+    - ``checkouts``: connections lent, ever; ``requests_waited``: `getconn` calls that had to wait;
+      ``connections_opened``, ``connections_closed``; ``connect_errors``: failed connects;
+      ``timeouts``: `PoolTimeout` raised; ``broken_discarded``: connections found broken on return,
+      before a lend or while idle; ``leaked``: lent connections garbage collected without `putconn`;
+      ``evictions``: rounds of replacing every connection after a failover sign or `drain`.
+    - ``wait_ms_total``, ``usage_ms_total`` (time connections spent lent), ``connect_ms_total``:
+      milliseconds, summed.
+    """
 
     name: str
     minconn: int
@@ -108,6 +121,28 @@ class ConnectionPool(Lending, Returning, Maintenance, Generic[C]):
     The pool has a lock even in this single-threaded class, because its housekeeping thread changes
     its state too. This class refuses ``timeout > 0``: with one thread, nobody could return a
     connection while `getconn` waits. Use `ThreadSafeConnectionPool` from several threads.
+
+    :param minconn: connections opened at construction and kept open (default 1).
+    :param maxconn: the most connections open at once, lent or idle: the sessions the server sees
+        (default unbounded, as in ``psycopg2_pool``).
+    :param idle_timeout: seconds a connection may stay idle beyond `minconn` before it is closed; 0
+        closes every return beyond `minconn` (default 600).
+    :param name: the pool's name in reprs, errors and log records (default ``pgpool-1``, ...).
+    :param timeout: seconds `getconn` waits when `maxconn` are lent, then `PoolTimeout`; 0 (the
+        default) raises `PoolError` at once. `ThreadSafeConnectionPool` only.
+    :param check: called with each connection before it is lent (e.g. `check_connection`); if it
+        raises, the connection is discarded and another one tried.
+    :param configure: called once with each new connection, before its first use (``SET``s,
+        ``autocommit``, adapters); if it raises, the error reaches the caller at once.
+    :param reset: called with each returned connection after the rollback (e.g. `reset_session`).
+    :param max_lifetime: seconds after which a connection is closed when it comes back or is found
+        idle, up to 5% early at random (default: never).
+    :param leak_timeout: seconds after which a connection still lent is reported once, with the stack
+        that borrowed it, as a WARNING (default: never).
+    :param connection_factory: the connection class, passed to ``psycopg2.connect``.
+    :param connect_kwargs: everything else is a connection setting for ``psycopg2.connect``:
+        ``dsn="postgresql://..."`` or libpq keywords (``host=``, ``dbname=``, ``target_session_attrs=``);
+        a keyword that is neither is refused, naming the nearest option.
     """
 
     _can_wait = False
