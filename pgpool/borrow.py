@@ -285,7 +285,7 @@ class TransactionBorrow(Generic[C]):
         try:
             if exc_type is None:
                 try:
-                    if conn.info.transaction_status == _STATUS_INERROR:
+                    if conn.get_transaction_status() == _STATUS_INERROR:
                         # The block caught an SQL error: COMMIT would only end in the server's
                         # ROLLBACK, and psycopg2 would report it as a success.
                         raise TransactionRolledBack(
