@@ -78,14 +78,15 @@ class PoolCore:
     @_events.setter
     def _events(self, listener: Any) -> None:
         self._listener = listener
+        self._state.times = None if listener is None else getattr(listener, "times", None)
         self._update_fast()
 
     def _update_fast(self) -> None:
-        """Decide once whether the fast paths apply: not with hooks or listeners to call, nor before
-        the housekeeper runs (the slow path starts it)."""
-        plain = self._listener is None
-        self._fast_lend = plain and self.check is None and self.leak_timeout is None and self._housekeeper.started
-        self._fast_return = plain and self.reset is None
+        """Decide once whether the fast paths apply: not with hooks to call, nor before the housekeeper
+        runs (the slow path starts it). A metrics listener takes its borrow timings from
+        `PoolState.times`, which the fast paths fill too."""
+        self._fast_lend = self.check is None and self.leak_timeout is None and self._housekeeper.started
+        self._fast_return = self.reset is None
 
     def _open(self, claim: Claim) -> None:
         """Open a connection in the claim's slot (see `Connector.open`) and tell the metrics listener."""

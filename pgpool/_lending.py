@@ -89,8 +89,9 @@ class Lending(PoolCore):
                         logger.info("pool %r: connected after %d failed attempts", self.name, attempt)
                     if self.leak_timeout is not None:
                         self._note_borrow(claim.info)
-                    if self._events is not None:
-                        self._emit("lent", time.monotonic() - start)
+                    times = state.times
+                    if times is not None:
+                        times.waits.append(time.monotonic() - start)
                     conn, lease = claim.conn, claim.info.lease
                     claim.conn = claim.info = None  # the caller owns it now
                     return conn, lease

@@ -40,6 +40,8 @@ class Maintenance(PoolCore):
         if self._state.checks_server:
             self._evict_unwanted_idle()
         self._report_leaks(now)
+        if self._state.times is not None:
+            self._emit("flush")  # the borrow timings so far, into the listener's histograms
         if self._refill_in_background:
             self._refill()
         return self._housekeeping_interval()
@@ -93,6 +95,8 @@ class Maintenance(PoolCore):
             intervals.append(max(0.05, self._state.idle_timeout / 4))
         if self.max_lifetime is not None:
             intervals.append(max(0.05, self.max_lifetime * _LIFETIME_JITTER / 2))
+        if self._state.times is not None:
+            intervals.append(1.0)  # borrow timings for the metrics: at most a second's worth buffered
         return min(intervals)
 
     def _after_fork_in_child(self) -> None:

@@ -6,6 +6,7 @@ import math
 import threading
 import time
 import weakref
+from collections import deque
 
 import psycopg2.extensions
 
@@ -90,6 +91,21 @@ class ConnInfo:
         self.ref = ConnRef(conn)  # replaced, with a callback, when the pool counts it (PoolState.adopt)
         self.stack: list[str] | None = None  # where it was borrowed, when leak_timeout is set
         self.generation = 0  # the pool's generation when its connect began (see PoolState.evict)
+
+
+class BorrowTimes:
+    """Wait and use times of borrows, in seconds, for a metrics listener to take (pgpool.otel).
+
+    Recording one is a ``deque.append``: one C call, on the fast paths too; the listener records them
+    in its histograms when the metrics are collected, and the housekeeper's rounds hand them over
+    meanwhile, so that the buffers stay small and no borrower pays for a histogram.
+    """
+
+    __slots__ = ("uses", "waits")
+
+    def __init__(self) -> None:
+        self.waits: deque[float] = deque()  # how long each getconn took
+        self.uses: deque[float] = deque()  # how long each connection was lent
 
 
 class Waiter:

@@ -39,10 +39,11 @@ class Returning(PoolCore):
                 return
             if known.state is not LENT:
                 return  # an earlier return got this far before the interrupt: done
-        if self._events is not None:
+        times = state.times
+        if times is not None:
             held = state.info_of(conn)
             if held is not None and held.state is LENT:
-                self._emit("returned", now - held.borrowed_at)
+                times.uses.append(now - held.borrowed_at)
         info: ConnInfo | None = None
         try:
             info = state.begin_return(conn, now, lease)  # PoolError: refused, nothing changed

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from ._records import CLOSING, IDLE, LENT, RETURNING, Claim, ConnInfo, ConnRef, Waiter
+from ._records import CLOSING, IDLE, LENT, RETURNING, BorrowTimes, Claim, ConnInfo, ConnRef, Waiter
 from .errors import PoolClosed
 
 Connection = psycopg2.extensions.connection
@@ -72,6 +72,7 @@ class Slots:
         # connections are closed, idle ones at once, lent ones when they come back.
         self.generation = 0
         self.checks_server = False  # target_session_attrs asks for a kind of server (pgpool._failover)
+        self.times: BorrowTimes | None = None  # set while a metrics listener wants borrow timings
         self.retired_lends = 0  # lends and use time of connections no longer counted in `conns`
         self.retired_used = 0.0
 

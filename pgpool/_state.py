@@ -95,6 +95,9 @@ class PoolState(Slots):
         info.lends += 1
         info.borrowed_at = now
         self.lent[key] = info  # atomic: putconn can now take it back
+        times = self.times
+        if times is not None:
+            times.waits.append(_monotonic() - now)  # lent: a lost sample is all an interrupt costs
         return item
 
     def return_fast(self, conn: Connection, key: int, info: ConnInfo, now: float) -> str | None:
@@ -152,6 +155,10 @@ class PoolState(Slots):
         if (PQclientEncoding(conn.pgconn_ptr) if PQclientEncoding else client_encoding(conn)) != info.encoding_id:
             self.lent[key] = info
             return None
+        used = now - info.borrowed_at
+        times = self.times
+        if times is not None:
+            times.uses.append(used)
         if self.waiters:
             # Threads in line: the oldest gets it from here, without a stop in the idle list (one
             # lock, one wake-up: what a borrow costs under contention). Waiters join the line under
@@ -160,9 +167,9 @@ class PoolState(Slots):
                 if self.waiters and not self.closed:
                     # The use time is counted inside: an interrupt on _serve's entry changes
                     # nothing, and the caller's retry counts it once.
-                    self._serve(conn, info, used=now - info.borrowed_at)
+                    self._serve(conn, info, used=used)
                     return DONE
-        info.used += now - info.borrowed_at
+        info.used += used
         info.state = IDLE
         info.returned_at = now
         idle = self.idle

@@ -23,8 +23,11 @@ Every point carries ``db.client.connection.pool.name`` = ``pool.name``:
   histograms in seconds.
 
 Importing `pgpool` never imports OpenTelemetry; only this module does. An instrumented pool tells
-its listener of each connect, lend, return and timeout (``pool._events``); an uninstrumented pool pays one
-attribute check.
+its listener of each connect and timeout (``pool._events``), and appends each borrow's wait and use
+time to a buffer (one ``deque.append``, on the fast paths too) that the listener records in its
+histograms when the metrics are collected, or when the pool's housekeeper hands them over: the
+levels (connection counts, pending requests, sizes) are observed at collection, never counted per
+borrow. An uninstrumented pool pays one attribute check per getconn and putconn.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ except ImportError as exc:
     raise ImportError(f"pgpool.otel needs OpenTelemetry ({exc}): pip install pgpool[otel]") from exc
 
 from . import __version__
+from ._records import BorrowTimes
 from .pool import ConnectionPool
 
 __all__ = ["POOL_NAME", "STATE", "Instrumentation", "instrument"]
@@ -152,7 +156,19 @@ class _Instruments:
         for pool, attributes in pools:
             yield pool.stats(), attributes
 
+    def _flush_all(self) -> None:
+        """Record every pool's pending borrow timings: the histograms are read right after."""
+        with _lock:
+            pools = list(self.pools)
+        for pool in pools:
+            listener = pool._events
+            if isinstance(listener, _Listener):
+                listener.flush()
+
     def _observe_count(self, options: CallbackOptions) -> Iterable[Observation]:
+        # The collection calls the observable instruments before it reads the synchronous ones, so
+        # the borrow timings recorded here are in this very collection.
+        self._flush_all()
         for stats, attributes in self._stats():
             yield Observation(stats["idle"], {**attributes, STATE: "idle"})
             yield Observation(stats["in_use"], {**attributes, STATE: "used"})
@@ -176,26 +192,39 @@ class _Instruments:
 
 
 class _Listener:
-    """The pool's ``_events``: told of each connect, lend, return and timeout, it records them."""
+    """The pool's ``_events``: told of each connect and timeout, it records them; the wait and use
+    time of each borrow the pool appends to `times` (one ``deque.append``, fast paths included), and
+    the listener records them in its histograms when the metrics are collected or the housekeeper
+    hands them over (`flush`), so that a borrow never pays for a histogram."""
 
-    __slots__ = ("attributes", "instruments")
+    __slots__ = ("attributes", "instruments", "times")
 
     def __init__(self, instruments: _Instruments, attributes: dict[str, str]) -> None:
         self.instruments = instruments
         self.attributes = attributes
+        self.times = BorrowTimes()
 
     def opened(self, pool: ConnectionPool[Any], connect_seconds: float) -> None:
         """Every connect: for a borrower, for minconn at construction, or a background refill."""
         self.instruments.create_time.record(connect_seconds, self.attributes)
 
-    def lent(self, pool: ConnectionPool[Any], wait_seconds: float) -> None:
-        self.instruments.wait_time.record(wait_seconds, self.attributes)
-
-    def returned(self, pool: ConnectionPool[Any], use_seconds: float) -> None:
-        self.instruments.use_time.record(use_seconds, self.attributes)
-
     def timed_out(self, pool: ConnectionPool[Any]) -> None:
         self.instruments.timeouts.add(1, self.attributes)
+
+    def flush(self, pool: ConnectionPool[Any] | None = None) -> None:
+        """Record the borrow timings taken so far (from any thread: each is taken once, popleft)."""
+        waits, uses = self.times.waits, self.times.uses
+        wait_time, use_time, attributes = self.instruments.wait_time, self.instruments.use_time, self.attributes
+        while waits:
+            try:
+                wait_time.record(waits.popleft(), attributes)
+            except IndexError:
+                break  # taken by another flush meanwhile
+        while uses:
+            try:
+                use_time.record(uses.popleft(), attributes)
+            except IndexError:
+                break
 
 
 class Instrumentation:
@@ -224,6 +253,7 @@ class Instrumentation:
                 del self._instruments.pools[pool]
             if pool._events is self._listener:
                 pool._events = None
+        self._listener.flush()  # what was borrowed while it was instrumented is still recorded
 
     def __repr__(self) -> str:
         state = "active" if self.active else "inactive"
