@@ -96,7 +96,7 @@ def test_waits_queries_and_housekeeping_yield_to_other_greenlets(dsn, app_name):
     """10 greenlets, 2 connections, pg_sleep(0.3) each: 1.5 s in all, and a 10 ms ticker never stalls
     for a query's length (a blocking wait or query would stop it for 0.3 s or more)."""
     result = run_django(
-        "POOL = {'maxconn': 2, 'timeout': 10, 'leak_timeout': 0.3}\nEXTRA = {}\n"
+        "POOL = {'maxconn': 2, 'timeout': 10, 'leak_timeout': 0.6}\nEXTRA = {}\n"
         + PRELUDE
         + """
 records = []
@@ -125,8 +125,8 @@ tick = gevent.spawn(ticker)
 start = time.monotonic()
 gevent.joinall([gevent.spawn(work, 0.3) for _ in range(10)], timeout=20, raise_error=True)
 elapsed = time.monotonic() - start
-work_long = gevent.spawn(work, 0.8)  # held past leak_timeout: the housekeeper (a greenlet) reports it
-work_long.join(5)
+work_long = gevent.spawn(work, 1.2)  # held past leak_timeout: the housekeeper (a greenlet) reports it
+work_long.join(10)
 stop.set()
 tick.join(5)
 stats = pool_stats()["default"]
