@@ -173,3 +173,72 @@ class DBUtilsPool(Adapter):
 
 PEERS: list[Callable[..., Adapter]] = [Psycopg2Pool, ReferencePool, PsycopgPool, SQLAlchemyPool, DBUtilsPool]
 ALL: list[Callable[..., Adapter]] = [PgPool, *PEERS]
+
+
+class FifoBound(Adapter):
+    """The bound of issue 18 for any fair pool under the GIL: a bare first come, first served hand-off.
+
+    A deque of idle connections, one lock, a lock per waiter, a rollback on return, and nothing else:
+    no checks, no session restore, no timeouts, no interrupt safety, no accounting. Borrow and return
+    take no lock while nobody waits (a deque's pop and append are atomic); the lock is taken only to
+    queue or to hand over. A returner that finds threads in line hands its connection to the oldest;
+    the hand-over rule (a returner appends, *then* reads the line; a waiter joins the line, *then*
+    reads the idle list, both sides draining under the lock) keeps a waiter from sleeping beside an
+    idle connection. Not in ALL: it is measured only in the cell against the bound (bench/bound.py)."""
+
+    name = "bare FIFO hand-off (the bound)"
+
+    def __init__(self, dsn: str, minconn: int, maxconn: int) -> None:
+        import threading
+        from collections import deque
+
+        self.conns = [psycopg2.connect(dsn) for _ in range(maxconn)]  # all opened up front: nothing to open later
+        self.idle: deque[Any] = deque(self.conns)
+        self.waiters: deque[list[Any]] = deque()  # [lock held until served, connection]
+        self.lock = threading.Lock()
+        self.new_lock = threading.Lock
+
+    def get(self) -> Any:
+        if not self.waiters:
+            try:
+                return self.idle.pop()
+            except IndexError:
+                pass
+        with self.lock:
+            if not self.waiters and self.idle:
+                return self.idle.pop()
+            box = [self.new_lock(), None]
+            box[0].acquire()
+            self.waiters.append(box)
+            self._drain()
+        box[0].acquire()  # released by whoever hands this waiter a connection
+        return box[1]
+
+    def put(self, conn: Any) -> None:
+        if conn.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+            conn.rollback()
+        if self.waiters:
+            with self.lock:
+                if self.waiters:
+                    box = self.waiters.popleft()
+                    box[1] = conn
+                    box[0].release()
+                    return
+        self.idle.append(conn)
+        if self.waiters:  # one joined the line between the read above and the append
+            with self.lock:
+                self._drain()
+
+    def _drain(self) -> None:
+        """Under the lock: idle connections to the oldest waiters."""
+        while self.waiters and self.idle:
+            box = self.waiters.popleft()
+            box[1] = self.idle.pop()
+            box[0].release()
+
+    def warm(self, count: int) -> None:
+        pass  # opened in __init__
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
