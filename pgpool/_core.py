@@ -18,6 +18,7 @@ import psycopg2
 import psycopg2.extensions
 
 from . import _failover
+from ._cleanup import until_done
 from ._connect import Connector, backoff, retryable
 from ._records import Claim
 from ._state import PoolState
@@ -175,6 +176,7 @@ class PoolCore:
             self._housekeeper.start()
         self._housekeeper.kick()
 
+    @until_done
     def _close_dropped(self, to_close: list[tuple[Connection, str]], keep_slot_for: Claim | None = None) -> None:
         """Close dropped connections, each slot freed only once its connection is closed.
 
@@ -220,6 +222,7 @@ class PoolCore:
                 )
                 return
 
+    @until_done
     def _give_back_refill(self, claim: Claim) -> None:
         state = self._state
         state.drop_claimed(claim, "refill failed")

@@ -17,6 +17,7 @@ import psycopg2
 import psycopg2.extensions
 
 from . import _session
+from ._cleanup import until_done
 from ._connect import backoff, retryable
 from ._core import _TRANSIENT_WAIT, PoolCore
 from ._records import Claim, ConnInfo
@@ -117,6 +118,7 @@ class Lending(PoolCore):
                 raise
             raise
 
+    @until_done
     def _give_back_claim(self, claim: Claim) -> None:
         """Give back all a failed or interrupted getconn holds. Idempotent: safe to call again."""
         state = self._state

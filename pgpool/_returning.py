@@ -11,6 +11,7 @@ import psycopg2
 import psycopg2.extensions
 
 from . import _session
+from ._cleanup import until_done
 from ._core import PoolCore
 from ._records import IDLE, LENT, RETURNING, ConnInfo
 
@@ -80,6 +81,12 @@ class Returning(PoolCore):
             self._close_dropped(to_close)  # consumes what is left, so safe after a partial run
             raise
 
+    @until_done
+    def _finish_borrow(self, conn: Connection, lease: int, close: bool = False) -> None:
+        """Finish the return of the borrow `lease` of `conn`, after an interrupt (see `_return`)."""
+        self._return(conn, lease, close)
+
+    @until_done
     def _abort_return(self, conn: Connection, info: ConnInfo | None, to_close: list[tuple[Connection, str]]) -> None:
         """Finish a return that was cut short: a connection being cleaned up is dropped (its cleanup
         may be half done), and whatever was dropped meanwhile (evictions) is closed. Idempotent."""

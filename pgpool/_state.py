@@ -254,8 +254,8 @@ class PoolState(Slots):
     def _queue(self, claim: Claim) -> str:
         """Put the claim's thread at the end of the line (under the lock); returns `WAIT`."""
         waiter = Waiter()
+        claim.waiter = waiter  # first: the claim owns its place in line before it exists (see leave_line)
         self.waiters.append(waiter)
-        claim.waiter = waiter
         if self.idle:  # read after the append: see the module's hand-over rule
             self._drain()
         return WAIT

@@ -138,7 +138,7 @@ class ConnectionBorrow(Borrow, Generic[C]):
             self._token = pool._borrow.set(self)
         except BaseException:
             self.conn = None
-            pool._return(conn, lease)
+            pool._finish_borrow(conn, lease)
             raise
         return conn  # type: ignore[return-value]  # opened by connection_factory (no cast(): a call)
 
@@ -175,7 +175,7 @@ class ConnectionBorrow(Borrow, Generic[C]):
                     return
             pool._return(conn, lease)
         except BaseException:
-            pool._return(conn, lease)  # an interrupt on its entry: it is idempotent
+            pool._finish_borrow(conn, lease)  # idempotent, run until done
             raise
 
 

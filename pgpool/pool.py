@@ -337,7 +337,7 @@ class ConnectionPool(Lending, Returning, Maintenance, Generic[C]):
             if lease is not None and info is not None and info.ref() is conn:
                 # Finish this borrow's return if the interrupt stopped it (idempotent); a connection
                 # lent again meanwhile (another lease) is someone else's and is left alone.
-                self._return(conn, lease, close)  # type: ignore[arg-type]
+                self._finish_borrow(conn, lease, close)  # type: ignore[arg-type]
             raise
 
     def _unkey(self, conn: C | None, key: Any) -> C | None:
