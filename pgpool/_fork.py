@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 import psycopg2.extensions
 
-if TYPE_CHECKING:
-    from .pool import ConnectionPool
 
-_pools: weakref.WeakSet[ConnectionPool[Any]] = weakref.WeakSet()
+
+class ForkAware(Protocol):
+    """What fork safety needs of a pool: to start afresh in the child."""
+
+    def _after_fork_in_child(self) -> None: ...
+
+
+_pools: weakref.WeakSet[ForkAware] = weakref.WeakSet()
 
 # Connections inherited through fork, kept alive for the life of the child: closing one, or letting
 # it be garbage collected (which closes it), takes psycopg2's connection mutex, which a parent thread
@@ -27,7 +32,7 @@ orphan_ids: set[int] = set()  # their ids: unique, since the objects stay alive
 generation = 0
 
 
-def track(pool: ConnectionPool[Any]) -> None:
+def track(pool: ForkAware) -> None:
     """Reset `pool` in every child process forked from now on."""
     _pools.add(pool)
 

@@ -37,7 +37,23 @@ class ReturnTimes(dict[Connection, float]):
         self._state.evict_at = 0.0  # the next return looks for connections to evict
         super().__setitem__(conn, float(when))
 
-    def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
+    def _refuse(self) -> NoReturn:
         raise TypeError(f"pool {self._state.name!r}: return_times entries go with their idle connections")
 
-    __delitem__ = pop = popitem = clear = update = setdefault = _refuse
+    def __delitem__(self, conn: Connection) -> None:
+        self._refuse()
+
+    def pop(self, *args: Any) -> Any:
+        self._refuse()
+
+    def popitem(self) -> tuple[Connection, float]:
+        self._refuse()
+
+    def clear(self) -> None:
+        self._refuse()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._refuse()
+
+    def setdefault(self, *args: Any) -> Any:
+        self._refuse()

@@ -32,19 +32,35 @@ import weakref
 from collections.abc import Generator
 from contextvars import Context, ContextVar
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import psycopg2.extensions
 
 from . import _failover, _fork
-from ._state import TIDY
+from ._state import TIDY, PoolState
 from .errors import TransactionRolledBack
-
-if TYPE_CHECKING:
-    from .pool import ConnectionPool
 
 Connection = psycopg2.extensions.connection
 C = TypeVar("C", bound=Connection)  # the pool's connection class (connection_factory)
+
+class BorrowedPool(Protocol):
+    """What a borrow needs of its pool (`pgpool.pool.ConnectionPool`): its fast paths, its slow
+    lend and return, and its ContextVar."""
+
+    name: str
+    timeout: float
+    _borrow: ContextVar[Borrow | None]
+    _fast_lend: bool
+    _fast_return: bool
+    _state: PoolState
+
+    def _checked_timeout(self, timeout: float) -> float: ...
+    def _lend(self, wait: float) -> tuple[Connection, int]: ...
+    def _return(self, conn: Connection, lease: int | None, close: bool = False) -> None: ...
+    def _finish_borrow(self, conn: Connection, lease: int, close: bool = False) -> None: ...
+    def _tidy(self) -> None: ...
+    def _evict(self, conn: Connection | None, reason: str) -> bool: ...
+
 
 _savepoint_ids = itertools.count(1)
 _STATUS_INERROR = psycopg2.extensions.TRANSACTION_STATUS_INERROR
@@ -83,7 +99,7 @@ def new_borrow_var(pool_name: str) -> ContextVar[Borrow | None]:
     return ContextVar(f"pgpool-borrow:{pool_name}", default=None)
 
 
-def joinable(pool: ConnectionPool[Any]) -> Borrow | None:
+def joinable(pool: BorrowedPool) -> Borrow | None:
     """The borrow of `pool` that a nested borrow here may join: this thread's, open, of this process."""
     found = pool._borrow.get()
     if (
@@ -108,7 +124,7 @@ class ConnectionBorrow(Borrow, Generic[C]):
 
     __slots__ = ("_join", "_joined", "_lease", "_pool", "_timeout", "_token")
 
-    _pool: ConnectionPool[C]
+    _pool: BorrowedPool
     _timeout: float | None  # None: the pool's
     _join: bool  # False: always a borrow of its own (decorated generators)
     _joined: Borrow | None  # the outer borrow we joined, if we did
@@ -179,9 +195,9 @@ class ConnectionBorrow(Borrow, Generic[C]):
             raise
 
 
-def connection_borrow(pool: ConnectionPool[C], timeout: float | None = None, join: bool = True) -> ConnectionBorrow[C]:
+def connection_borrow(pool: BorrowedPool, timeout: float | None = None, join: bool = True) -> ConnectionBorrow[Any]:
     """A `ConnectionBorrow` of `pool` (`ConnectionPool.connection` makes its own inline)."""
-    made: ConnectionBorrow[C] = ConnectionBorrow()
+    made: ConnectionBorrow[Any] = ConnectionBorrow()
     made._pool = pool
     made._timeout = timeout
     made._join = join
@@ -204,7 +220,7 @@ class TransactionBorrow(Generic[C]):
         "_was_autocommit",
     )
 
-    def __init__(self, pool: ConnectionPool[C], timeout: float | None = None, join: bool = True) -> None:
+    def __init__(self, pool: BorrowedPool, timeout: float | None = None, join: bool = True) -> None:
         self._pool = pool
         self._timeout = timeout
         self._join = join
@@ -227,7 +243,7 @@ class TransactionBorrow(Generic[C]):
             self._conn = conn
             return conn
         # A real transaction, on the connection of a plain borrow around it or on a new one.
-        plain = connection_borrow(pool, self._timeout, self._join)
+        plain: ConnectionBorrow[C] = connection_borrow(pool, self._timeout, self._join)
         conn = plain.__enter__()
         try:
             entry = plain if plain.conn is not None else plain._joined
@@ -337,7 +353,7 @@ def end_dropped_borrows() -> None:
         end_held_borrow(ref)
 
 
-def end_generator_borrows(pool: ConnectionPool[Any]) -> None:
+def end_generator_borrows(pool: BorrowedPool) -> None:
     """End every borrow of `pool` held by a decorated generator (the pool is closing): dropped ones
     here, live ones by the generator itself (its finally clauses run, then its borrow ends)."""
     for ref, entry in list(held_by_generators.items()):

@@ -17,10 +17,15 @@ import logging
 import queue
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from ._maintenance import Maintenance
+
+class Housekept(Protocol):
+    """What the housekeeper needs of its pool: a name, and a round to run."""
+
+    name: str
+
+    def _housekeep(self) -> float | None: ...
 
 logger = logging.getLogger("pgpool")
 
@@ -30,7 +35,7 @@ _JOIN_TIMEOUT = 5.0
 class Housekeeper:
     """Runs ``pool._housekeep()`` periodically in a daemon thread, and at once when woken."""
 
-    def __init__(self, pool: Maintenance) -> None:
+    def __init__(self, pool: Housekept) -> None:
         self._pool = weakref.ref(pool)
         self._name = pool.name
         self.wakeups: queue.SimpleQueue[Any] = queue.SimpleQueue()  # anything put here: a round now
@@ -73,7 +78,7 @@ class Housekeeper:
                 pass  # never started (its start was interrupted): nothing to wait for
 
 
-def _run(pool_ref: weakref.ref[Maintenance], stopped: list[bool], wakeups: queue.SimpleQueue[Any]) -> None:
+def _run(pool_ref: weakref.ref[Housekept], stopped: list[bool], wakeups: queue.SimpleQueue[Any]) -> None:
     delay = 0.0
     while True:
         try:
