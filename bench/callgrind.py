@@ -7,9 +7,10 @@ getconn+putconn: on this machine they repeat to 0.2% where timings drift by tens
 
 Each path runs in its own ``valgrind --tool=callgrind`` process, twice: with N cycles and with 2N.
 Everything but the cycles (interpreter start-up, imports, connecting, the warm-up, exit) is the same in
-both runs, so (instructions(2N) - instructions(N)) / N is the cost of one cycle alone. Counts are of
-the main thread (``--separate-threads=yes``): a pool's background threads sleep on timers, and what
-they do depends on the clock, not on the cycles.
+both runs, so (instructions(2N) - instructions(N)) / N is the cost of one cycle alone. Threads are
+counted apart (``--separate-threads=yes``): the table shows the main thread's count and the other
+threads' (the housekeeper), and the verdicts judge their sum, since work deferred to the housekeeper
+still costs the GIL. The housekeeper's timer rounds make that column move by tens of instructions.
 
 One thing is pinned for determinism: the pool's socket probe. pgpool skips its ``poll()`` for a
 connection probed less than ``PROBE_INTERVAL`` (1 ms) ago; natively a cycle takes about 2 µs, so a
@@ -219,10 +220,16 @@ def child(key: str, cycles: int, dsn: str) -> None:
 @dataclass
 class Count:
     key: str
-    per_cycle: float  # the main thread's instructions per cycle: what the verdicts judge
+    per_cycle: float  # the main thread's instructions per cycle
     background: float  # the other threads' (the housekeeper: its timer rounds, and work deferred to it)
     totals: tuple[int, int]  # main thread's instructions with N and 2N cycles
     files: tuple[Path, Path] | None = None
+
+    @property
+    def judged(self) -> float:
+        """What the verdicts judge: every thread's instructions. Work a path defers to the housekeeper
+        (pgpool.otel records borrow times there) still costs the GIL; the timer rounds add +-50."""
+        return self.per_cycle + self.background
 
 
 def _run(key: str, cycles: int, dsn: str, workdir: Path, tree: Path) -> tuple[int, int, Path]:
@@ -290,17 +297,17 @@ def measure(
 
 def verdicts(counts: list[Count]) -> list[tuple[bool | None, str]]:
     """One line per path: PASS/FAIL against issue 18's target, or "info" for the references."""
-    by = {c.key: c.per_cycle for c in counts}
+    by = {c.key: c.judged for c in counts}
     ref = by.get("psycopg2")
     lines: list[tuple[bool | None, str]] = []
     for c in counts:
         p = BY_KEY[c.key]
         if not ref:
-            lines.append((None, f"{p.label}: {c.per_cycle:,.0f} instructions per cycle"))
+            lines.append((None, f"{p.label}: {c.judged:,.0f} instructions per cycle"))
             continue
-        r = c.per_cycle / ref
+        r = c.judged / ref
         if p.target is None:
-            lines.append((None, f"{p.label}: {r:.2f}x ({c.per_cycle:,.0f} instructions)"))
+            lines.append((None, f"{p.label}: {r:.2f}x ({c.judged:,.0f} instructions)"))
             continue
         ok = r <= p.target
         bound = f"target <= {p.target}x"
@@ -308,7 +315,7 @@ def verdicts(counts: list[Count]) -> list[tuple[bool | None, str]]:
             wr = by["wrapt"] / ref
             ok = ok and r <= wr + MARGIN
             bound += f" and <= wrapt's {wr:.2f}x + {MARGIN}x"
-        lines.append((ok, f"{p.label}: {r:.2f}x ({bound}; {c.per_cycle:,.0f} instructions)"))
+        lines.append((ok, f"{p.label}: {r:.2f}x ({bound}; {c.judged:,.0f} instructions)"))
     return lines
 
 
@@ -317,19 +324,19 @@ def verdict_text(ok: bool | None, text: str) -> str:
 
 
 def table(counts: list[Count]) -> list[str]:
-    by = {c.key: c.per_cycle for c in counts}
+    by = {c.key: c.judged for c in counts}
     ref = by.get("psycopg2")
     rows = [
-        "| path | instructions per cycle | vs psycopg2.pool | target | other threads per cycle |",
-        "|---|---|---|---|---|",
+        "| path | instructions per cycle (all threads) | vs psycopg2.pool | target | main thread | other threads |",
+        "|---|---|---|---|---|---|",
     ]
     for c in counts:
         p = BY_KEY[c.key]
-        ratio = f"{c.per_cycle / ref:.2f}x" if ref else "—"
+        ratio = f"{c.judged / ref:.2f}x" if ref else "—"
         target = f"<= {p.target}x" if p.target is not None else "(reference)"
         if c.key == "decorator":
             target += " and <= (wrapt) + 0.05x"
-        rows.append(f"| {p.label} | {c.per_cycle:,.0f} | {ratio} | {target} | {c.background:,.0f} |")
+        rows.append(f"| {p.label} | {c.judged:,.0f} | {ratio} | {target} | {c.per_cycle:,.0f} | {c.background:,.0f} |")
     return rows
 
 
@@ -338,7 +345,7 @@ def markdown(counts: list[Count], cycles: int, seconds: float, code: str) -> str
         "# Instructions per cycle (callgrind)",
         "",
         f"`python -m bench.callgrind`: each path under `valgrind --tool=callgrind`, {cycles:,} and "
-        f"{2 * cycles:,} cycles after {WARMUP} warm-up cycles, (difference) / {cycles:,}; main thread only; "
+        f"{2 * cycles:,} cycles after {WARMUP} warm-up cycles, (difference) / {cycles:,}; all threads; "
         f"probe interval pinned (see bench/callgrind.py). Code: {code}. Python {sys.version.split()[0]}. "
         f"{seconds:.0f} s.",
         "",
