@@ -74,6 +74,17 @@ bench: install-bench
 bench-quick: install-bench
 	$(PY) -m bench.run --quick --out bench/results/quick
 
+.PHONY: bench-instructions bench-bound
+
+# Issue 18's instruction counts alone: each path under callgrind, per cycle and against psycopg2.pool,
+# with verdict lines; writes bench/results/instructions.md (about a minute and a half).
+bench-instructions: install-bench
+	$(WITH_SERVER) $(PY) -m bench.callgrind
+
+# Issue 18's contention cell alone: pgpool vs the bare FIFO bound vs SQLAlchemy, and 8/8 vs the ideal.
+bench-bound: install-bench
+	$(WITH_SERVER) $(PY) -m bench.bound
+
 # mypy --strict and pyright on pgpool/ and examples/ (what and how: [mypy] in setup.cfg, [tool.pyright]
 # in pyproject.toml).
 lint: $(LINT_STAMP)

@@ -205,6 +205,15 @@ def markdown(results: dict[str, Any]) -> str:
             back = "never (in the window)" if math.isinf(r["recovery_s"]) else f"{r['recovery_s']:.2f} s"
             out.append(f"| {name} | {r['errors_before_back']} | {r['errors_after_back']} | {back} |")
         out.append("")
+    if results.get("bound"):
+        from . import bound
+
+        out += bound.markdown(
+            results["bound"], [v for v in results["verdicts"] if v.startswith(("PASS T=", "FAIL T="))]
+        )
+    if results.get("instructions_md"):
+        out += ["## 8. Instructions per cycle, one thread, no query (callgrind; `make bench-instructions`)", ""]
+        out += [*results["instructions_md"], ""]
     notes = Path(__file__).with_name("NOTES.md")
     if notes.exists():
         out += [notes.read_text().strip(), ""]

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from tests.embedded_pg import EmbeddedPostgres
 from tests.tcp_proxy import TcpProxy
 
-from . import report, scenarios
+from . import bound, callgrind, report, scenarios
 from .pools import ALL, PEERS, PgPool, PgPoolChecked, PgPoolInstrumented, PgPoolWithBlock
 
 
@@ -107,6 +107,14 @@ def run_all(dsn: str, server: EmbeddedPostgres | None, s: Settings) -> dict[str,
     results["cold_burst"] = cold_burst(dsn, s)
     results["recovery"] = recovery(dsn, server, s) if server is not None else None
     results["verdicts"] = report.verdicts(results)
+    # Issue 18: contention against the bare FIFO bound, and instructions per cycle (callgrind).
+    results["bound"] = bound.measure(dsn, bound.QUICK if s is QUICK else bound.FULL)
+    results["verdicts"] += bound.verdicts(results["bound"])
+    if os.path.exists(callgrind.VALGRIND):
+        counts = callgrind.measure(dsn)
+        results["instructions"] = [c.__dict__ for c in counts]
+        results["instructions_md"] = callgrind.table(counts)
+        results["verdicts"] += [callgrind.verdict_text(ok, text) for ok, text in callgrind.verdicts(counts)]
     return results
 
 
