@@ -11,7 +11,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from contextvars import ContextVar
 from typing import Any
 
 import psycopg2
@@ -22,7 +21,6 @@ from ._cleanup import until_done
 from ._connect import Connector, backoff, retryable
 from ._records import Claim
 from ._state import PoolState
-from .borrow import Borrow
 from .errors import PoolTimeout
 from .housekeeping import Housekeeper
 
@@ -38,39 +36,58 @@ def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
+def check_timeout(timeout: float, pool_name: str, can_wait: bool, kind: str) -> float:
+    """Validate a timeout, the pool's or a call's: seconds >= 0, and 0 for a pool that cannot wait."""
+    if not is_number(timeout) or not timeout >= 0:
+        raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r} (pool {pool_name!r})")
+    if timeout > 0 and not can_wait:
+        raise ValueError(
+            f"timeout must be 0 for a {kind} (pool {pool_name!r}): in one thread "
+            "nobody can return a connection while getconn waits; use ThreadSafeConnectionPool"
+        )
+    return float(timeout)
+
+
 class PoolCore:
-    """The fields and helpers shared by the parts of a pool. State changes go through `_state`."""
+    """The part of a pool that its other parts share: the settings, the state machine, the connector,
+    the housekeeper; opening connections in reserved slots and closing dropped ones. The façade
+    (`pgpool.pool.ConnectionPool`) makes it and hands it to `Lending`, `Returning` and `Maintenance`.
+    State changes go through `_state`."""
 
-    _can_wait = False  # getconn may wait (ThreadSafeConnectionPool)
-    _refill_in_background = False  # minconn is restored by the housekeeper, not inside putconn
-
-    name: str
-    timeout: float  # the default wait of getconn, in seconds
-    check: Hook | None
-    configure: Hook | None
-    reset: Hook | None
-    max_lifetime: float | None
-    leak_timeout: float | None
-    _state: PoolState  # idle, lent, opening, closing, waiting: every change goes through it
-    _connector: Connector  # opens connections with the pool's settings
-    _target: _failover.ServerTarget  # the kind of server target_session_attrs asks for
-    _housekeeper: Housekeeper
-    _borrow: ContextVar[Borrow | None]  # the borrow in progress in this context (pgpool.borrow)
-    _keys: dict[Any, Any]  # psycopg2.pool's getconn(key): key -> its connection
-    _listener: Any  # a metrics listener (pgpool.otel), told of lends, returns, timeouts
-    _fast_lend: bool  # getconn may try PoolState.lend_fast (see _update_fast)
-    _fast_return: bool  # putconn may try PoolState.return_fast
+    def __init__(
+        self,
+        *,
+        name: str,
+        kind: str,
+        can_wait: bool,
+        refill_in_background: bool,
+        timeout: float,
+        hooks: tuple[Hook | None, Hook | None, Hook | None],
+        max_lifetime: float | None,
+        leak_timeout: float | None,
+        state: PoolState,
+        connector: Connector,
+        target: _failover.ServerTarget,
+        update_fast: Callable[[], None],
+    ) -> None:
+        self.name = name
+        self._kind = kind  # the pool's class name, for messages
+        self._can_wait = can_wait  # getconn may wait (ThreadSafeConnectionPool)
+        self._refill_in_background = refill_in_background  # minconn restored by the housekeeper
+        self.timeout = timeout  # the default wait of getconn, in seconds
+        self.check, self.configure, self.reset = hooks
+        self.max_lifetime = max_lifetime
+        self.leak_timeout = leak_timeout
+        self._state = state  # idle, lent, opening, closing, waiting: every change goes through it
+        self._connector = connector  # opens connections with the pool's settings
+        self._target = target  # the kind of server target_session_attrs asks for
+        self._housekeeper: Housekeeper  # set by the façade once the Maintenance part exists
+        self._listener: Any = None  # a metrics listener (pgpool.otel), told of connects, timeouts
+        self._update_fast = update_fast  # the façade decides again whether its fast paths apply
 
     def _checked_timeout(self, timeout: float) -> float:
         """Validate a timeout, the pool's or a call's."""
-        if not is_number(timeout) or not timeout >= 0:
-            raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r} (pool {self.name!r})")
-        if timeout > 0 and not self._can_wait:
-            raise ValueError(
-                f"timeout must be 0 for a {type(self).__name__} (pool {self.name!r}): in one thread "
-                "nobody can return a connection while getconn waits; use ThreadSafeConnectionPool"
-            )
-        return float(timeout)
+        return check_timeout(timeout, self.name, self._can_wait, self._kind)
 
     @property
     def _events(self) -> Any:
@@ -81,13 +98,6 @@ class PoolCore:
         self._listener = listener
         self._state.times = None if listener is None else getattr(listener, "times", None)
         self._update_fast()
-
-    def _update_fast(self) -> None:
-        """Decide once whether the fast paths apply: not with hooks to call, nor before the housekeeper
-        runs (the slow path starts it). A metrics listener takes its borrow timings from
-        `PoolState.times`, which the fast paths fill too."""
-        self._fast_lend = self.check is None and self.leak_timeout is None and self._housekeeper.started
-        self._fast_return = self.reset is None
 
     def _open(self, claim: Claim) -> None:
         """Open a connection in the claim's slot (see `Connector.open`) and tell the metrics listener."""

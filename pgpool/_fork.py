@@ -13,7 +13,6 @@ from typing import Protocol
 import psycopg2.extensions
 
 
-
 class ForkAware(Protocol):
     """What fork safety needs of a pool: to start afresh in the child."""
 

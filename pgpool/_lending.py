@@ -31,17 +31,21 @@ logger = logging.getLogger("pgpool")
 _WAIT_SLICE = 0.5  # a waiter re-checks for slots freed by garbage-collected leaks this often
 
 
-class Lending(PoolCore):
-    """`getconn`'s slow path."""
+class Lending:
+    """`getconn`'s slow path. It receives the pool's shared part (`PoolCore`) and its state."""
+
+    def __init__(self, core: PoolCore) -> None:
+        self._core = core
+        self._state = core._state
 
     def _lend(self, wait: float) -> tuple[Connection, int]:
         """Lend a connection and its lease number (which tells this borrow from the next)."""
-        if not self._housekeeper.started:
-            self._housekeeper.start()  # before anything is taken: an interrupt here loses nothing
-            self._update_fast()
+        if not self._core._housekeeper.started:
+            self._core._housekeeper.start()  # before anything is taken: an interrupt here loses nothing
+            self._core._update_fast()
         state = self._state
         if state.leaks:
-            self._report_collected_leaks()
+            self._core._report_collected_leaks()
         start = time.monotonic()
         deadline = start + wait if wait > 0 else start + _TRANSIENT_WAIT
         attempt = 0
@@ -54,7 +58,7 @@ class Lending(PoolCore):
                 if not claim.slot:
                     outcome = state.acquire(claim, time.monotonic(), wait > 0)
                     if claim.to_close:
-                        self._close_dropped(claim.to_close)
+                        self._core._close_dropped(claim.to_close)
                     if outcome is WAIT:
                         self._wait(claim, deadline, wait, first_error)
                         from_waiter = True
@@ -63,32 +67,32 @@ class Lending(PoolCore):
                 fresh = claim.slot
                 if claim.slot:
                     try:
-                        self._open(claim)
+                        self._core._open(claim)
                     except Exception as exc:
                         if claim.new_conn is not None:
                             raise  # configure failed: no retry can fix it (nor is it a connect error)
                         state.count("connect_errors")
                         attempt += 1
-                        first_error = self._note_connect_error(exc, attempt, first_error)
+                        first_error = self._core._note_connect_error(exc, attempt, first_error)
                         remaining = deadline - time.monotonic()
                         if wait <= 0 or not retryable(exc):
                             raise  # no wait allowed, or refused for good (password, database, role)
                         state.release_slot(claim)
                         if remaining <= 0:
-                            raise self._give_up(wait, exc, attempt) from exc
+                            raise self._core._give_up(wait, exc, attempt) from exc
                         time.sleep(min(remaining, backoff(attempt - 1)))
                         continue
                     if not state.adopt(claim, time.monotonic(), lend=True):
-                        self._close_dropped(claim.to_close)
-                        raise PoolClosed(f"pool {self.name!r} was closed while connecting")
+                        self._core._close_dropped(claim.to_close)
+                        raise PoolClosed(f"pool {self._core.name!r} was closed while connecting")
                 if claim.conn is None:
                     continue
                 assert claim.info is not None
-                problem = _session.lend_problem(claim.conn, claim.info, self.check, self._connector.redact)
+                problem = _session.lend_problem(claim.conn, claim.info, self._core.check, self._core._connector.redact)
                 if problem is None:
                     if attempt:
-                        logger.info("pool %r: connected after %d failed attempts", self.name, attempt)
-                    if self.leak_timeout is not None:
+                        logger.info("pool %r: connected after %d failed attempts", self._core.name, attempt)
+                    if self._core.leak_timeout is not None:
                         self._note_borrow(claim.info)
                     times = state.times
                     if times is not None:
@@ -99,16 +103,16 @@ class Lending(PoolCore):
                 # A waiter keeps its place in line: it reopens in the slot of the connection it was
                 # handed. A new connection that fails its check counts as a failed connect.
                 state.drop_claimed(claim, problem, broken=True)
-                self._close_dropped(claim.to_close, keep_slot_for=claim if from_waiter or fresh else None)
+                self._core._close_dropped(claim.to_close, keep_slot_for=claim if from_waiter or fresh else None)
                 if fresh:
                     attempt += 1
-                    error = PoolError(f"pool {self.name!r}: a new connection failed its check: {problem}")
+                    error = PoolError(f"pool {self._core.name!r}: a new connection failed its check: {problem}")
                     first_error = first_error or error
                     remaining = deadline - time.monotonic()
                     if wait <= 0:
                         raise error
                     if remaining <= 0:
-                        raise self._give_up(wait, error, attempt) from error
+                        raise self._core._give_up(wait, error, attempt) from error
                     time.sleep(min(remaining, backoff(attempt - 1)))
         except BaseException:
             try:
@@ -124,7 +128,7 @@ class Lending(PoolCore):
         state = self._state
         state.leave_line(claim)
         state.drop_claimed(claim, "getconn interrupted or failed")
-        self._close_dropped(claim.to_close)
+        self._core._close_dropped(claim.to_close)
         state.release_slot(claim)
 
     def _wait(self, claim: Claim, deadline: float, wait: float, error: BaseException | None) -> None:
@@ -146,9 +150,9 @@ class Lending(PoolCore):
                 break  # a waiter that was served keeps what it got, whatever the clock says
             if remaining <= 0:
                 claim.waiter = None  # out of the line (recheck_waiter removed it, counting the timeout)
-                if self._events is not None:
-                    self._emit("timed_out")
-                raise PoolTimeout(self._timeout_message(wait, error)) from error
+                if self._core._events is not None:
+                    self._core._emit("timed_out")
+                raise PoolTimeout(self._core._timeout_message(wait, error)) from error
         state.collect(claim)
 
     def _note_borrow(self, info: ConnInfo) -> None:

@@ -9,11 +9,10 @@ import time
 import psycopg2
 import psycopg2.extensions
 
-from . import _fork, _session
+from . import _session
 from ._core import PoolCore
 from .borrow import end_dropped_borrows, held_by_generators
 from .health import socket_readable
-from .housekeeping import Housekeeper
 
 Connection = psycopg2.extensions.connection
 logger = logging.getLogger("pgpool")
@@ -21,8 +20,13 @@ logger = logging.getLogger("pgpool")
 _LIFETIME_JITTER = 0.05
 
 
-class Maintenance(PoolCore):
-    """The housekeeping round and the fork handler."""
+class Maintenance:
+    """The housekeeping round. It receives the pool's shared part (`PoolCore`) and its state."""
+
+    def __init__(self, core: PoolCore) -> None:
+        self._core = core
+        self._state = core._state
+        self.name = core.name  # the housekeeper names its thread after it
 
     def _housekeep(self) -> float | None:
         """One round of background maintenance; return seconds until the next one (None: stop)."""
@@ -34,31 +38,31 @@ class Maintenance(PoolCore):
         to_close: list[tuple[Connection, str]] = []
         try:
             self._recheck_signalled_idle(to_close)
-            self._state.housekeeping_drops(now, self.max_lifetime is not None, to_close)
+            self._state.housekeeping_drops(now, self._core.max_lifetime is not None, to_close)
         finally:
-            self._close_dropped(to_close)
+            self._core._close_dropped(to_close)
         if self._state.checks_server:
             self._evict_unwanted_idle()
         self._report_leaks(now)
         if self._state.times is not None:
-            self._emit("flush")  # the borrow timings so far, into the listener's histograms
-        if self._refill_in_background:
-            self._refill()
+            self._core._emit("flush")  # the borrow timings so far, into the listener's histograms
+        if self._core._refill_in_background:
+            self._core._refill()
         return self._housekeeping_interval()
 
     def _report_leaks(self, now: float) -> None:
-        self._report_collected_leaks()
-        if self.leak_timeout is None:
+        self._core._report_collected_leaks()
+        if self._core.leak_timeout is None:
             return
         for info in self._state.lent_infos():
             stack = info.stack
-            if stack is not None and now - info.borrowed_at > self.leak_timeout:
+            if stack is not None and now - info.borrowed_at > self._core.leak_timeout:
                 info.stack = None  # report each borrow once
                 logger.warning(
                     "pool %r: connection borrowed %.1f sec ago and not returned (leak_timeout=%s); borrowed at:\n%s",
-                    self.name,
+                    self._core.name,
                     now - info.borrowed_at,
-                    self.leak_timeout,
+                    self._core.leak_timeout,
                     "".join(stack),
                 )
 
@@ -73,7 +77,7 @@ class Maintenance(PoolCore):
         if not signalled:
             return
         for conn, info in self._state.take_signalled(signalled):
-            reason = _session.lend_problem(conn, info, None, self._connector.redact)
+            reason = _session.lend_problem(conn, info, None, self._core._connector.redact)
             if reason is not None:
                 reason = f"broken: {reason} while idle"
             self._state.finish_return(conn, info, reason, time.monotonic(), to_close)
@@ -82,28 +86,19 @@ class Maintenance(PoolCore):
         """An idle connection whose server reported it is no longer what the pool wants (a round
         trip of the signalled-idle check brought the news): a new generation."""
         for conn in self._state.idle_snapshot():
-            unwanted = self._target.unwanted(conn)
+            unwanted = self._core._target.unwanted(conn)
             if unwanted is not None:
-                self._evict(conn, unwanted)
+                self._core._evict(conn, unwanted)
                 return
 
     def _housekeeping_interval(self) -> float:
         intervals = [5.0]
-        if self.leak_timeout is not None:
-            intervals.append(max(0.05, min(self.leak_timeout / 4, 0.5)))
+        if self._core.leak_timeout is not None:
+            intervals.append(max(0.05, min(self._core.leak_timeout / 4, 0.5)))
         if self._state.idle_timeout:
             intervals.append(max(0.05, self._state.idle_timeout / 4))
-        if self.max_lifetime is not None:
-            intervals.append(max(0.05, self.max_lifetime * _LIFETIME_JITTER / 2))
+        if self._core.max_lifetime is not None:
+            intervals.append(max(0.05, self._core.max_lifetime * _LIFETIME_JITTER / 2))
         if self._state.times is not None:
             intervals.append(1.0)  # borrow timings for the metrics: at most a second's worth buffered
         return min(intervals)
-
-    def _after_fork_in_child(self) -> None:
-        """Start from zero connections without touching the parent's sessions, and without waiting on
-        any lock a parent thread may have held at fork time."""
-        for conn in self._state.reset_after_fork():
-            _fork.disown(conn)
-        self._keys = {}
-        self._housekeeper = Housekeeper(self)
-        self._update_fast()

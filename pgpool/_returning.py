@@ -19,8 +19,12 @@ Connection = psycopg2.extensions.connection
 logger = logging.getLogger("pgpool")
 
 
-class Returning(PoolCore):
-    """`putconn`'s slow path."""
+class Returning:
+    """`putconn`'s slow path. It receives the pool's shared part (`PoolCore`) and its state."""
+
+    def __init__(self, core: PoolCore) -> None:
+        self._core = core
+        self._state = core._state
 
     def _return(self, conn: Connection, lease: int | None, close: bool = False) -> None:
         """Take back `conn`. With a `lease` (internal callers), idempotent: a borrow that ended already,
@@ -50,17 +54,19 @@ class Returning(PoolCore):
             info = state.begin_return(conn, now, lease)  # PoolError: refused, nothing changed
             reason = _session.return_problem(conn, close)
             if reason is None and self._state.checks_server:
-                unwanted = self._target.unwanted(conn)  # what the server reported: no round trip
+                unwanted = self._core._target.unwanted(conn)  # what the server reported: no round trip
                 if unwanted is not None:
-                    self._evict(conn, unwanted)  # this connection's generation ends: dropped below
+                    self._core._evict(conn, unwanted)  # this connection's generation ends: dropped below
             if reason is None:
-                reason = _session.clean_returned(conn, info, self.reset, self.configure, self._connector.redact)
+                reason = _session.clean_returned(
+                    conn, info, self._core.reset, self._core.configure, self._core._connector.redact
+                )
                 if reason is not None and reason.startswith("reset failed"):
-                    logger.warning("pool %r: %s; connection discarded", self.name, reason)
+                    logger.warning("pool %r: %s; connection discarded", self._core.name, reason)
             state.finish_return(conn, info, reason, time.monotonic(), to_close)
             if to_close:
-                self._close_dropped(to_close)
-                self._after_drop()
+                self._core._close_dropped(to_close)
+                self._core._after_drop()
         except BaseException:
             try:
                 self._abort_return(conn, info, to_close)
@@ -75,10 +81,10 @@ class Returning(PoolCore):
         try:
             self._state.tidy(time.monotonic(), to_close)
             if to_close:
-                self._close_dropped(to_close)
-                self._after_drop()
+                self._core._close_dropped(to_close)
+                self._core._after_drop()
         except BaseException:
-            self._close_dropped(to_close)  # consumes what is left, so safe after a partial run
+            self._core._close_dropped(to_close)  # consumes what is left, so safe after a partial run
             raise
 
     @until_done
@@ -92,4 +98,4 @@ class Returning(PoolCore):
         may be half done), and whatever was dropped meanwhile (evictions) is closed. Idempotent."""
         if info is not None:
             self._state.finish_return(conn, info, "cleanup interrupted", time.monotonic(), to_close)
-        self._close_dropped(to_close)
+        self._core._close_dropped(to_close)

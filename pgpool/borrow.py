@@ -43,6 +43,7 @@ from .errors import TransactionRolledBack
 Connection = psycopg2.extensions.connection
 C = TypeVar("C", bound=Connection)  # the pool's connection class (connection_factory)
 
+
 class BorrowedPool(Protocol):
     """What a borrow needs of its pool (`pgpool.pool.ConnectionPool`): its fast paths, its slow
     lend and return, and its ContextVar."""

@@ -27,6 +27,7 @@ class Housekept(Protocol):
 
     def _housekeep(self) -> float | None: ...
 
+
 logger = logging.getLogger("pgpool")
 
 _JOIN_TIMEOUT = 5.0

@@ -29,7 +29,7 @@ import psycopg2.extensions
 
 from . import _fork, borrow
 from ._connect import Connector
-from ._core import is_number
+from ._core import PoolCore, check_timeout, is_number
 from ._failover import ServerTarget
 from ._lending import Lending
 from ._maintenance import Maintenance
@@ -58,6 +58,18 @@ logger = logging.getLogger("pgpool")
 
 _names = itertools.count(1)
 _monotonic = time.monotonic
+
+
+def _weak_call(method: Callable[[], None]) -> Callable[[], None]:
+    """Call `method` while its object lives (a callback that does not keep the object alive)."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        bound = ref()
+        if bound is not None:
+            bound()
+
+    return call
 
 
 def _check_hook(name: str, hook: object) -> None:
@@ -103,7 +115,7 @@ class PoolStats(TypedDict):
     evictions: int  # rounds of closing every connection opened before: a failover seen, or drain()
 
 
-class ConnectionPool(Lending, Returning, Maintenance, Generic[C]):
+class ConnectionPool(Generic[C]):
     """A pool of psycopg2 connections, for one thread.
 
     `getconn` lends a connection and `putconn` takes it back: after `getconn` you must call `putconn`,
@@ -178,23 +190,51 @@ class ConnectionPool(Lending, Returning, Maintenance, Generic[C]):
         self.leak_timeout = leak_timeout
         connect_kwargs.setdefault("dsn", "")
         self.connect_kwargs = connect_kwargs
-        self._connector = Connector(self.name, connect_kwargs, configure, max_lifetime)  # checks them first
+        connector = Connector(self.name, connect_kwargs, configure, max_lifetime)  # checks them first
         try:
-            self._target = ServerTarget(connect_kwargs)
+            target = ServerTarget(connect_kwargs)
         except ValueError as exc:
             raise ValueError(f"{exc} (pool {self.name!r})") from None
-        self._connector.target = self._target
-        self._state = PoolState(self.name, minconn, maxconn, idle_timeout)
-        self._state.checks_server = self._target.checks
-        self._housekeeper = Housekeeper(self)
+        connector.target = target
+        self._state = state = PoolState(self.name, minconn, maxconn, idle_timeout)
+        state.checks_server = target.checks
+        # The parts, composed: each receives the shared part (PoolCore), none knows this façade. The
+        # core calls back through a weak method, so that a forgotten pool is freed by refcounting.
+        self._core = core = PoolCore(
+            name=self.name,
+            kind=type(self).__name__,
+            can_wait=self._can_wait,
+            refill_in_background=self._refill_in_background,
+            timeout=self.timeout,
+            hooks=(check, configure, reset),
+            max_lifetime=max_lifetime,
+            leak_timeout=leak_timeout,
+            state=state,
+            connector=connector,
+            target=target,
+            update_fast=_weak_call(self._update_fast),
+        )
+        self._lending = Lending(core)
+        self._returning = Returning(core)
+        self._maintenance = Maintenance(core)
+        self._housekeeper = core._housekeeper = Housekeeper(self._maintenance)
+        # What the borrows, the fast paths' fallbacks and the housekeeper call (borrow.BorrowedPool):
+        # the parts' bound methods, so that a call costs what a method call of the façade would.
+        self._lend = self._lending._lend
+        self._return = self._returning._return
+        self._finish_borrow = self._returning._finish_borrow
+        self._tidy = self._returning._tidy
+        self._evict = core._evict
+        self._checked_timeout = core._checked_timeout
+        self._close_dropped = core._close_dropped
+        self._housekeep = self._maintenance._housekeep
         self._borrow = borrow.new_borrow_var(self.name)
         self._keys: dict[Any, C] = {}  # psycopg2.pool's getconn(key): key -> its connection
-        self._listener: Any = None  # a metrics listener (pgpool.otel), told of lends, returns, timeouts
         self._fast_lend = False  # getconn may try PoolState.lend_fast (see _update_fast)
         self._fast_return = reset is None  # putconn may try PoolState.return_fast
         _fork.track(self)
         try:
-            self._open_minconn_at_start()
+            core._open_minconn_at_start()
         except BaseException:
             self.close()
             raise
@@ -223,7 +263,7 @@ class ConnectionPool(Lending, Returning, Maintenance, Generic[C]):
             raise ValueError(f"maxconn must be >= minconn (got minconn={minconn}, maxconn={maxconn}) {where}")
         if not is_number(idle_timeout) or idle_timeout < 0:
             raise ValueError(f"idle_timeout must be a number of seconds >= 0, got {idle_timeout!r} {where}")
-        self._checked_timeout(timeout)
+        check_timeout(timeout, self.name, self._can_wait, type(self).__name__)
         for label, value in (("max_lifetime", max_lifetime), ("leak_timeout", leak_timeout)):
             if value is not None and (not is_number(value) or not value > 0):
                 raise ValueError(f"{label} must be None or a number of seconds > 0, got {value!r} {where}")
@@ -453,7 +493,36 @@ class ConnectionPool(Lending, Returning, Maintenance, Generic[C]):
         """
         return borrow.TransactionBorrow(self, timeout)
 
-    # -- housekeeping and fork -----------------------------------------------------------------
+    # -- its parts -------------------------------------------------------------------------------
+
+    @property
+    def _events(self) -> Any:
+        """The metrics listener (pgpool.otel), told of connects and timeouts; None when uninstrumented."""
+        return self._core._listener
+
+    @_events.setter
+    def _events(self, listener: Any) -> None:
+        self._core._events = listener  # which calls _update_fast back
+
+    def _update_fast(self) -> None:
+        """Decide once whether the fast paths apply: not with hooks to call, nor before the housekeeper
+        runs (the slow path starts it). A metrics listener takes its borrow timings from
+        `PoolState.times`, which the fast paths fill too."""
+        core = self._core
+        self._fast_lend = core.check is None and core.leak_timeout is None and self._housekeeper.started
+        self._fast_return = core.reset is None
+
+    def _kick_housekeeper(self) -> None:
+        self._core._kick_housekeeper()
+
+    def _after_fork_in_child(self) -> None:
+        """Start from zero connections without touching the parent's sessions, and without waiting on
+        any lock a parent thread may have held at fork time."""
+        for conn in self._state.reset_after_fork():
+            _fork.disown(conn)
+        self._keys = {}
+        self._housekeeper = self._core._housekeeper = Housekeeper(self._maintenance)
+        self._update_fast()
 
 
 class ThreadSafeConnectionPool(ConnectionPool[C]):

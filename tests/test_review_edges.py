@@ -297,14 +297,14 @@ def test_an_interrupt_after_putconn_served_a_waiter_never_returns_the_waiters_co
     import inspect
     import sys
 
-    from pgpool.pool import ConnectionPool
+    from pgpool._returning import Returning
 
-    source, first = inspect.getsourcelines(ConnectionPool._return)
+    source, first = inspect.getsourcelines(Returning._return)
     target = first + next(i for i, line in enumerate(source) if line.strip() == "if to_close:")
     fired: list[bool] = []
 
     def tracer(frame, event, arg):
-        if event == "call" and frame.f_code is ConnectionPool._return.__code__:
+        if event == "call" and frame.f_code is Returning._return.__code__:
             return local
         return None
 
