@@ -111,10 +111,15 @@ def run_all(dsn: str, server: EmbeddedPostgres | None, s: Settings) -> dict[str,
     results["bound"] = bound.measure(dsn, bound.QUICK if s is QUICK else bound.FULL)
     results["verdicts"] += bound.verdicts(results["bound"])
     if os.path.exists(callgrind.VALGRIND):
-        counts = callgrind.measure(dsn)
-        results["instructions"] = [c.__dict__ for c in counts]
-        results["instructions_md"] = callgrind.table(counts)
-        results["verdicts"] += [callgrind.verdict_text(ok, text) for ok, text in callgrind.verdicts(counts)]
+        print("8/8 instructions per cycle (callgrind, about 75 s)", flush=True)
+        try:
+            counts = callgrind.measure(dsn)
+        except RuntimeError as exc:  # a child failed: keep the run's other results
+            results["verdicts"].append(f"FAIL instruction counts not measured: {str(exc)[:300]}")
+        else:
+            results["instructions"] = [c.__dict__ for c in counts]
+            results["instructions_md"] = callgrind.table(counts)
+            results["verdicts"] += [callgrind.verdict_text(ok, text) for ok, text in callgrind.verdicts(counts)]
     return results
 
 
