@@ -136,7 +136,6 @@ print(json.dumps({
     "waited": stats["requests_waited"],
     "in_use": stats["in_use"],
     "leak_reports": sum("not returned" in r.getMessage() for r in records),
-    "housekeeper_is_greenlet": type(connection.pool._housekeeper._thread).__module__,
 }))
 """,
         env={"TEST_DSN": dsn, "TEST_APP": app_name},
