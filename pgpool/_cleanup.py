@@ -17,6 +17,9 @@ from typing import ParamSpec
 P = ParamSpec("P")
 
 _ATTEMPTS = 1000  # a cleanup that fails this often is broken, not interrupted: its error propagates
+# The loops of the call sites, which retry a cleanup whose entry (or the loop's back-edge) an
+# interrupt hit: two nested loops over this, each retry a fresh chance.
+RETRIES = range(8)
 
 
 def until_done(cleanup: Callable[P, None]) -> Callable[P, None]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import select
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +32,36 @@ logger = logging.getLogger("pgpool")
 Hook = Callable[[Any], Any]
 
 _TRANSIENT_WAIT = 30.0  # without a timeout, the longest wait for a slot held by a refill or a close
+
+
+_BACKEND_EXIT_WAIT = 1.0  # at most this long for a closed connection's backend to exit (a dead network)
+
+
+def _dup_socket(conn: Connection) -> int | None:
+    """A second descriptor of the connection's socket, to see the server end the session after close()."""
+    try:
+        return os.dup(conn.fileno())
+    except Exception:
+        return None
+
+
+def _await_backend_exit(fd: int) -> None:
+    """Wait (bounded) until the server closes its end: the backend has exited, its session is gone
+    from pg_stat_activity and from max_connections. psycopg2's close() only sends Terminate."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    deadline = time.monotonic() + _BACKEND_EXIT_WAIT
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not poller.poll(remaining * 1000):
+            return
+        try:
+            if not os.read(fd, 65536):
+                return  # end of file: the backend is gone
+        except BlockingIOError:
+            continue
+        except OSError:
+            return
 
 
 def is_number(value: object) -> bool:
@@ -195,10 +227,19 @@ class PoolCore:
         state = self._state
         while to_close:
             conn, reason = to_close[-1]
+            # Wait for the backend to exit only while the slot may be reused (an open pool): None once
+            # closed (a retry after an interrupt), or when nothing follows (a closed pool).
+            fd = None if state.closed else _dup_socket(conn)
             try:
-                conn.close()
-            except Exception:
-                pass
+                try:
+                    conn.close()
+                except Exception:
+                    pass
+                if fd is not None:
+                    _await_backend_exit(fd)  # the server counts the session until its backend is gone
+            finally:
+                if fd is not None:
+                    os.close(fd)
             # Logged before the slot is freed: a slow handler delays the next connect, never lets the
             # server see more than maxconn sessions.
             logger.info("pool %r: closing connection: %s", self.name, reason)

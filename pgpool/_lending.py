@@ -16,7 +16,7 @@ import traceback
 import psycopg2
 import psycopg2.extensions
 
-from . import _session
+from . import _cleanup, _session
 from ._cleanup import until_done
 from ._connect import backoff, retryable
 from ._core import _TRANSIENT_WAIT, PoolCore
@@ -115,11 +115,17 @@ class Lending:
                         raise self._core._give_up(wait, error, attempt) from error
                     time.sleep(min(remaining, backoff(attempt - 1)))
         except BaseException:
-            try:
-                self._give_back_claim(claim)
-            except BaseException:
-                self._give_back_claim(claim)  # an interrupt on its entry: it is idempotent
-                raise
+            for _ in _cleanup.RETRIES:  # until one call gets past its entry: each may be interrupted there
+                try:
+                    for _ in _cleanup.RETRIES:
+                        try:
+                            self._give_back_claim(claim)
+                            break
+                        except BaseException:
+                            pass
+                    break
+                except BaseException:  # on the inner loop's back-edge
+                    pass
             raise
 
     @until_done

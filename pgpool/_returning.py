@@ -10,7 +10,7 @@ import time
 import psycopg2
 import psycopg2.extensions
 
-from . import _session
+from . import _cleanup, _session
 from ._cleanup import until_done
 from ._core import PoolCore
 from ._records import IDLE, LENT, RETURNING, ConnInfo
@@ -68,11 +68,17 @@ class Returning:
                 self._core._close_dropped(to_close)
                 self._core._after_drop()
         except BaseException:
-            try:
-                self._abort_return(conn, info, to_close)
-            except BaseException:
-                self._abort_return(conn, info, to_close)  # an interrupt on its entry: it is idempotent
-                raise
+            for _ in _cleanup.RETRIES:  # until one call gets past its entry: each may be interrupted there
+                try:
+                    for _ in _cleanup.RETRIES:
+                        try:
+                            self._abort_return(conn, info, to_close)
+                            break
+                        except BaseException:
+                            pass
+                    break
+                except BaseException:  # on the inner loop's back-edge
+                    pass
             raise
 
     def _tidy(self) -> None:

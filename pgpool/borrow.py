@@ -36,7 +36,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import psycopg2.extensions
 
-from . import _failover, _fork
+from . import _cleanup, _failover, _fork
 from ._state import TIDY, PoolState
 from .errors import TransactionRolledBack
 
@@ -155,7 +155,17 @@ class ConnectionBorrow(Borrow, Generic[C]):
             self._token = pool._borrow.set(self)
         except BaseException:
             self.conn = None
-            pool._finish_borrow(conn, lease)
+            for _ in _cleanup.RETRIES:  # until one call gets past its entry: each may be interrupted there
+                try:
+                    for _ in _cleanup.RETRIES:
+                        try:
+                            pool._finish_borrow(conn, lease)
+                            break
+                        except BaseException:
+                            pass
+                    break
+                except BaseException:  # on the inner loop's back-edge
+                    pass
             raise
         return conn  # type: ignore[return-value]  # opened by connection_factory (no cast(): a call)
 
@@ -192,7 +202,17 @@ class ConnectionBorrow(Borrow, Generic[C]):
                     return
             pool._return(conn, lease)
         except BaseException:
-            pool._finish_borrow(conn, lease)  # idempotent, run until done
+            for _ in _cleanup.RETRIES:  # until one call gets past its entry: each may be interrupted there
+                try:
+                    for _ in _cleanup.RETRIES:
+                        try:
+                            pool._finish_borrow(conn, lease)
+                            break
+                        except BaseException:
+                            pass
+                    break
+                except BaseException:  # on the inner loop's back-edge
+                    pass
             raise
 
 
@@ -257,11 +277,17 @@ class TransactionBorrow(Generic[C]):
                 conn.autocommit = False  # psycopg2 then opens the transaction at the first statement
             self._conn = conn
         except BaseException as exc:
-            try:
-                plain.__exit__(type(exc), exc, exc.__traceback__)
-            except BaseException:
-                plain.__exit__(type(exc), exc, exc.__traceback__)
-                raise
+            for _ in _cleanup.RETRIES:  # until one call gets past its entry: each may be interrupted there
+                try:
+                    for _ in _cleanup.RETRIES:
+                        try:
+                            plain.__exit__(type(exc), exc, exc.__traceback__)
+                            break
+                        except BaseException:
+                            pass
+                    break
+                except BaseException:  # on the inner loop's back-edge
+                    pass
             raise
         return conn
 
@@ -334,7 +360,17 @@ class TransactionBorrow(Generic[C]):
             try:
                 plain.__exit__(exc_type, exc, tb)
             except BaseException:
-                plain.__exit__(exc_type, exc, tb)  # an interrupt on its entry: it is idempotent
+                for _ in _cleanup.RETRIES:  # until one call gets past its entry: each may be interrupted there
+                    try:
+                        for _ in _cleanup.RETRIES:
+                            try:
+                                plain.__exit__(exc_type, exc, tb)
+                                break
+                            except BaseException:
+                                pass
+                        break
+                    except BaseException:  # on the inner loop's back-edge
+                        pass
                 raise
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, Union
 import psycopg2.extensions
 import wrapt
 
+from . import _cleanup
 from .borrow import ConnectionBorrow, TransactionBorrow, connection_borrow, held_by_generators, thread_token
 
 if TYPE_CHECKING:
@@ -210,16 +211,32 @@ def _call_with_borrow(
     try:
         result = wrapped(*args, **{**kwargs, argname: conn})
     except BaseException as exc:
-        try:
-            borrow.__exit__(type(exc), exc, exc.__traceback__)
-        except BaseException:
-            borrow.__exit__(type(exc), exc, exc.__traceback__)
-            raise
+        for _ in _cleanup.RETRIES:  # until one call gets past its entry: each may be interrupted there
+            try:
+                for _ in _cleanup.RETRIES:
+                    try:
+                        borrow.__exit__(type(exc), exc, exc.__traceback__)
+                        break
+                    except BaseException:
+                        pass
+                break
+            except BaseException:  # on the inner loop's back-edge
+                pass
         raise
     try:
         borrow.__exit__(None, None, None)
     except BaseException as exc:
-        borrow.__exit__(type(exc), exc, exc.__traceback__)
+        for _ in _cleanup.RETRIES:  # until one call gets past its entry: each may be interrupted there
+            try:
+                for _ in _cleanup.RETRIES:
+                    try:
+                        borrow.__exit__(type(exc), exc, exc.__traceback__)
+                        break
+                    except BaseException:
+                        pass
+                break
+            except BaseException:  # on the inner loop's back-edge
+                pass
         raise
     return result
 
@@ -309,11 +326,17 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
                 self._own.thread = thread_token()  # the borrow follows the thread running it
             return self._ctx.run(getattr(self._inner, method), *args)
         except BaseException as exc:
-            try:
-                self._finish(exc)
-            except BaseException:
-                self._finish(exc)  # an interrupt on its entry: it is idempotent
-                raise
+            for _ in _cleanup.RETRIES:  # until one call gets past its entry: each may be interrupted there
+                try:
+                    for _ in _cleanup.RETRIES:
+                        try:
+                            self._finish(exc)
+                            break
+                        except BaseException:
+                            pass
+                    break
+                except BaseException:  # on the inner loop's back-edge
+                    pass
             raise
 
     def _step(self, method: str, *args: Any) -> Any:

@@ -51,7 +51,11 @@ class Housekeeper:
         An interrupt during ``Thread.start`` leaves `started` false: the next call starts one anew
         (a thread that did start meanwhile stops by itself with the pool).
         """
-        with self._start_lock:
+        # Never wait for a start in progress: Thread.start() waits for the new thread, forever if an
+        # asynchronous exception killed it first, and every borrower would then wait here too.
+        if not self._start_lock.acquire(blocking=False):
+            return
+        try:
             if self.started or self._stopped:
                 return
             thread = threading.Thread(
@@ -63,6 +67,8 @@ class Housekeeper:
             self._thread = thread
             thread.start()
             self.started = True
+        finally:
+            self._start_lock.release()
 
     def kick(self) -> None:
         """Ask for a round of housekeeping now (e.g. to refill minconn after clear())."""
