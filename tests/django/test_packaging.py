@@ -9,11 +9,6 @@ import pytest
 from .support import ROOT
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="setup.cfg's [options] packages = pgpool ships the top-level package only: it needs"
-    " packages = find: with [options.packages.find] include = pgpool, pgpool.*",
-)
 def test_the_package_list_includes_the_django_backend_and_its_command():
     setupcfg = pytest.importorskip("setuptools.config.setupcfg")
     with warnings.catch_warnings():
