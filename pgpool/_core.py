@@ -116,6 +116,8 @@ class PoolCore:
         self._housekeeper: Housekeeper  # set by the façade once the Maintenance part exists
         self._listener: Any = None  # a metrics listener (pgpool.otel), told of connects, timeouts
         self._update_fast = update_fast  # the façade decides again whether its fast paths apply
+        # id(closed connection) -> a duplicate of its socket, until its backend has exited (_close_dropped)
+        self._exiting: dict[int, int] = {}
 
     def _checked_timeout(self, timeout: float) -> float:
         """Validate a timeout, the pool's or a call's."""
@@ -225,21 +227,26 @@ class PoolCore:
         Consumes `to_close` from the end, so that a call cut short can be called again to finish.
         """
         state = self._state
+        exiting = self._exiting
         while to_close:
             conn, reason = to_close[-1]
-            # Wait for the backend to exit only while the slot may be reused (an open pool): None once
-            # closed (a retry after an interrupt), or when nothing follows (a closed pool).
-            fd = None if state.closed else _dup_socket(conn)
+            key = id(conn)  # unique: `closing` holds the connection until its slot is freed below
+            # Wait for the backend to exit only while the slot may be reused (an open pool). The
+            # duplicate descriptor is kept in `_exiting` until the wait is over, so that a retry after
+            # an interrupt waits again rather than freeing the slot of a session still on the server.
+            fd = exiting.get(key)
+            if fd is None and not conn.closed and not state.closed:
+                fd = _dup_socket(conn)
+                if fd is not None:
+                    exiting[key] = fd
             try:
-                try:
-                    conn.close()
-                except Exception:
-                    pass
-                if fd is not None:
-                    _await_backend_exit(fd)  # the server counts the session until its backend is gone
-            finally:
-                if fd is not None:
-                    os.close(fd)
+                conn.close()
+            except Exception:
+                pass
+            if fd is not None:
+                _await_backend_exit(fd)  # the server counts the session until its backend is gone
+                del exiting[key]  # forgotten first: a retry never reads a descriptor closed (and reused)
+                os.close(fd)
             # Logged before the slot is freed: a slow handler delays the next connect, never lets the
             # server see more than maxconn sessions.
             logger.info("pool %r: closing connection: %s", self.name, reason)

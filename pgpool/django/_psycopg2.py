@@ -10,7 +10,9 @@ import fail), then puts back what was there. It runs when ``pgpool.django`` is i
 
 from __future__ import annotations
 
+import importlib
 import sys
+from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -34,7 +36,8 @@ def require_psycopg2_backend() -> None:
                 del sys.modules["psycopg"]
             else:
                 sys.modules["psycopg"] = saved  # type: ignore[assignment]
-    from django.db.backends.postgresql import psycopg_any
+    # Not in django-stubs: imported by name, so that type checkers take it as a module of unknown type.
+    psycopg_any: Any = importlib.import_module("django.db.backends.postgresql.psycopg_any")
 
     if psycopg_any.is_psycopg3:
         raise ImproperlyConfigured(
