@@ -65,6 +65,7 @@ class BorrowedPool(Protocol):
 
 _savepoint_ids = itertools.count(1)
 _STATUS_INERROR = psycopg2.extensions.TRANSACTION_STATUS_INERROR
+_STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _monotonic = time.monotonic
 
 
@@ -226,62 +227,52 @@ def connection_borrow(pool: BorrowedPool, timeout: float | None = None, join: bo
     return made
 
 
-class TransactionBorrow(Generic[C]):
-    """``with pool.transaction() as conn``: commit on success, roll back on any exception."""
+class TransactionBorrow(ConnectionBorrow[C]):
+    """``with pool.transaction() as conn``: commit on success, roll back on any exception.
 
-    __slots__ = (
-        "_conn",
-        "_entry",
-        "_generation",
-        "_join",
-        "_plain",
-        "_pool",
-        "_savepoint",
-        "_timeout",
-        "_was_autocommit",
-    )
+    A `ConnectionBorrow` that also runs a transaction on its connection (its own, or the plain borrow
+    around it that it joins), or a savepoint inside the transaction around it. Made, like its base,
+    without a Python ``__init__`` (`transaction_borrow`, or inline by `ConnectionPool.transaction`):
+    one object and no extra frame per block.
+    """
 
-    def __init__(self, pool: BorrowedPool, timeout: float | None = None, join: bool = True) -> None:
-        self._pool = pool
-        self._timeout = timeout
-        self._join = join
-        self._conn: C | None = None
-        self._savepoint: str | None = None
-        self._plain: ConnectionBorrow[C] | None = None
-        self._entry: Borrow | None = None
-        self._was_autocommit = False
-        self._generation = _fork.generation  # a child after fork never commits the parent's work
+    __slots__ = ("_entry", "_savepoint", "_tx_conn", "_was_autocommit")
+
+    _savepoint: str | None  # the savepoint's name, nested in another transaction() of this thread
+    _tx_conn: C | None  # the transaction's connection, from __enter__ until the transaction ends
+    _entry: Borrow | None  # the borrow whose in_transaction this transaction set (ours, or joined)
+    _was_autocommit: bool
 
     def __enter__(self) -> C:
         pool = self._pool
-        outer = joinable(pool) if self._join else None
-        if outer is not None and outer.in_transaction and outer.conn is not None:
-            conn: C = outer.conn  # type: ignore[assignment]
-            name = f"pgpool_sp_{next(_savepoint_ids)}"
-            with conn.cursor() as cur:
-                cur.execute(f"SAVEPOINT {name}")
-            self._savepoint = name
-            self._conn = conn
-            return conn
+        self.generation = _fork.generation  # a child after fork never commits the parent's work
+        if self._join and pool._borrow.get() is not None:
+            outer = joinable(pool)
+            if outer is not None and outer.in_transaction and outer.conn is not None:
+                conn: C = outer.conn  # type: ignore[assignment]
+                name = f"pgpool_sp_{next(_savepoint_ids)}"
+                with conn.cursor() as cur:
+                    cur.execute(f"SAVEPOINT {name}")
+                self._savepoint = name
+                self._tx_conn = conn
+                return conn
         # A real transaction, on the connection of a plain borrow around it or on a new one.
-        plain: ConnectionBorrow[C] = connection_borrow(pool, self._timeout, self._join)
-        conn = plain.__enter__()
+        conn = ConnectionBorrow.__enter__(self)
         try:
-            entry = plain if plain.conn is not None else plain._joined
+            entry = self if self.conn is not None else self._joined
             assert entry is not None
-            self._plain = plain
             self._entry = entry
             entry.in_transaction = True
-            self._was_autocommit = conn.autocommit
-            if self._was_autocommit:
+            self._was_autocommit = was = conn.autocommit
+            if was:
                 conn.autocommit = False  # psycopg2 then opens the transaction at the first statement
-            self._conn = conn
+            self._tx_conn = conn
         except BaseException as exc:
             for _ in _cleanup.RETRIES:  # until one call gets past its entry: each may be interrupted there
                 try:
                     for _ in _cleanup.RETRIES:
                         try:
-                            plain.__exit__(type(exc), exc, exc.__traceback__)
+                            ConnectionBorrow.__exit__(self, type(exc), exc, exc.__traceback__)
                             break
                         except BaseException:
                             pass
@@ -294,11 +285,11 @@ class TransactionBorrow(Generic[C]):
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        conn = self._conn
+        conn = self._tx_conn
         if conn is None:
             return  # ended already (pgpool's callers may call again after an interrupt)
-        self._conn = None
-        if self._generation != _fork.generation:
+        self._tx_conn = None
+        if self.generation != _fork.generation:
             return  # begun before a fork: the connection is the parent's, disowned here
         name = self._savepoint
         if name is not None:
@@ -322,13 +313,14 @@ class TransactionBorrow(Generic[C]):
             except psycopg2.Error:
                 pass
             return
-        entry, plain = self._entry, self._plain
-        assert entry is not None and plain is not None
+        entry = self._entry
+        assert entry is not None
         # Only C calls until the plain borrow ends: no interrupt can land between commit and return.
         try:
+            status = conn.get_transaction_status()
             if exc_type is None:
                 try:
-                    if conn.get_transaction_status() == _STATUS_INERROR:
+                    if status == _STATUS_INERROR:
                         # The block caught an SQL error: COMMIT would only end in the server's
                         # ROLLBACK, and psycopg2 would report it as a success.
                         raise TransactionRolledBack(
@@ -336,14 +328,15 @@ class TransactionBorrow(Generic[C]):
                             "in the block failed and the block went on (nothing was committed); "
                             "use a nested pool.transaction() around a statement that may fail"
                         )
-                    conn.commit()
+                    if status != _STATUS_IDLE:  # nothing begun, nothing to commit (commit() drops the GIL)
+                        conn.commit()
                 except BaseException:
                     try:
                         conn.rollback()  # a failed commit; never leave it open
                     except psycopg2.Error:
                         pass
                     raise
-            else:
+            elif status != _STATUS_IDLE:
                 try:
                     conn.rollback()
                 except psycopg2.Error:
@@ -358,13 +351,13 @@ class TransactionBorrow(Generic[C]):
                 except psycopg2.Error:
                     pass
             try:
-                plain.__exit__(exc_type, exc, tb)
+                ConnectionBorrow.__exit__(self, exc_type, exc, tb)
             except BaseException:
                 for _ in _cleanup.RETRIES:  # until one call gets past its entry: each may be interrupted there
                     try:
                         for _ in _cleanup.RETRIES:
                             try:
-                                plain.__exit__(exc_type, exc, tb)
+                                ConnectionBorrow.__exit__(self, exc_type, exc, tb)
                                 break
                             except BaseException:
                                 pass
@@ -372,6 +365,18 @@ class TransactionBorrow(Generic[C]):
                     except BaseException:  # on the inner loop's back-edge
                         pass
                 raise
+
+
+def transaction_borrow(pool: BorrowedPool, timeout: float | None = None, join: bool = True) -> TransactionBorrow[Any]:
+    """A `TransactionBorrow` of `pool` (`ConnectionPool.transaction` makes its own inline)."""
+    made: TransactionBorrow[Any] = TransactionBorrow()
+    made._pool = pool
+    made._timeout = timeout
+    made._join = join
+    made.conn = None
+    made._savepoint = None
+    made._tx_conn = None
+    return made
 
 
 # The borrows held by decorated generators, keyed by a weak reference to the generator. When one is

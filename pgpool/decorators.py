@@ -29,7 +29,14 @@ import psycopg2.extensions
 import wrapt
 
 from . import _cleanup
-from .borrow import ConnectionBorrow, TransactionBorrow, connection_borrow, held_by_generators, thread_token
+from .borrow import (
+    ConnectionBorrow,
+    TransactionBorrow,
+    connection_borrow,
+    held_by_generators,
+    thread_token,
+    transaction_borrow,
+)
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -206,7 +213,7 @@ def _call_with_borrow(
     function returned rolls back, since the caller then sees an exception, not a result.
     """
     borrow: ConnectionBorrow[Any] | TransactionBorrow[Any]
-    borrow = TransactionBorrow(pool) if transactional else connection_borrow(pool)
+    borrow = transaction_borrow(pool) if transactional else connection_borrow(pool)
     conn = borrow.__enter__()
     try:
         result = wrapped(*args, **{**kwargs, argname: conn})
@@ -302,7 +309,7 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
         pool = self._pool
         ctx = contextvars.copy_context()
         borrow: ConnectionBorrow[Any] | TransactionBorrow[Any]
-        borrow = TransactionBorrow(pool, join=False) if self._transactional else connection_borrow(pool, join=False)
+        borrow = transaction_borrow(pool, join=False) if self._transactional else connection_borrow(pool, join=False)
         # Owned before it is entered (an exit before the enter does nothing): _finish ends it; for a
         # generator dropped unfinished, the weakref's callback wakes the housekeeper, which ends it.
         self._ctx = ctx

@@ -491,7 +491,14 @@ class ConnectionPool(Generic[C]):
 
         Nested in another `transaction` of this pool (same thread), it is a savepoint of the outer one.
         """
-        return borrow.TransactionBorrow(self, timeout)
+        made: borrow.TransactionBorrow[C] = borrow.TransactionBorrow()  # borrow.transaction_borrow, inline
+        made._pool = self
+        made._timeout = timeout
+        made._join = True
+        made.conn = None
+        made._savepoint = None
+        made._tx_conn = None
+        return made
 
     # -- its parts -------------------------------------------------------------------------------
 
