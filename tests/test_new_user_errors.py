@@ -144,3 +144,19 @@ def test_a_failed_savepoint_that_the_outer_block_caught_still_commits_the_outer(
         with pool.connection() as conn, conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM swallowed_inner")
             assert cur.fetchone()[0] == 1
+
+
+def test_a_failing_configure_is_raised_at_once_even_with_a_timeout(dsn):
+    """Chosen over psycopg_pool's retry-then-PoolTimeout: no retry can fix a configure that raises,
+    and a timeout would only hide the real error (README, Hooks)."""
+    import time
+
+    def configure(conn):
+        raise RuntimeError("configure says no")
+
+    with ThreadSafeConnectionPool(minconn=0, maxconn=1, dsn=dsn, timeout=5, configure=configure) as pool:
+        begun = time.monotonic()
+        with pytest.raises(RuntimeError, match="configure says no"):
+            pool.getconn()
+        assert time.monotonic() - begun < 2
+        assert pool.stats()["opening"] == 0 and pool.stats()["in_use"] == 0
