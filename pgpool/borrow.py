@@ -50,7 +50,7 @@ class BorrowedPool(Protocol):
 
     name: str
     timeout: float
-    _borrow: ContextVar[Borrow | None]
+    _borrow: ContextVar[weakref.ref[Borrow] | None]
     _fast_lend: bool
     _fast_return: bool
     _state: PoolState
@@ -64,6 +64,7 @@ class BorrowedPool(Protocol):
 
 
 _savepoint_ids = itertools.count(1)
+_weak = weakref.ref
 _STATUS_INERROR = psycopg2.extensions.TRANSACTION_STATUS_INERROR
 _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _monotonic = time.monotonic
@@ -89,7 +90,7 @@ class Borrow:
     """A connection borrowed by one thread, joined by that thread's nested borrows while it is open
     (the fields of a `ConnectionBorrow` that the pool's ContextVar exposes to nested borrows)."""
 
-    __slots__ = ("conn", "generation", "in_transaction", "thread")
+    __slots__ = ("__weakref__", "conn", "generation", "in_transaction", "thread")
 
     conn: Connection | None  # None once the borrow ended: never joined again, from any context
     thread: object  # the token of the thread allowed to join it (see thread_token)
@@ -97,13 +98,14 @@ class Borrow:
     in_transaction: bool  # a transaction() block of this borrow is open
 
 
-def new_borrow_var(pool_name: str) -> ContextVar[Borrow | None]:
+def new_borrow_var(pool_name: str) -> ContextVar[weakref.ref[Borrow] | None]:
     return ContextVar(f"pgpool-borrow:{pool_name}", default=None)
 
 
 def joinable(pool: BorrowedPool) -> Borrow | None:
     """The borrow of `pool` that a nested borrow here may join: this thread's, open, of this process."""
-    found = pool._borrow.get()
+    ref = pool._borrow.get()
+    found = None if ref is None else ref()
     if (
         found is not None
         and found.conn is not None
@@ -153,7 +155,10 @@ class ConnectionBorrow(Borrow, Generic[C]):
             self.in_transaction = False
             self._lease = lease
             self.conn = conn
-            self._token = pool._borrow.set(self)
+            # Held weakly: a block whose __exit__ an interrupt skipped (the one point no code can
+            # protect) leaves nothing here that nested borrows would join, or that would keep its
+            # connection from the collector, which then frees its slot.
+            self._token = pool._borrow.set(_weak(self))
         except BaseException:
             self.conn = None
             for _ in _cleanup.RETRIES:  # until one call gets past its entry: each may be interrupted there

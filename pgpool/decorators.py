@@ -327,7 +327,7 @@ class BorrowingGenerator(Generator[Any, Any, Any]):
         self._ref = ref = weakref.ref(self, pool._housekeeper.wakeups.put)
         held_by_generators[ref] = (ctx, borrow, None)
         conn = ctx.run(borrow.__enter__)
-        self._own = ctx.run(pool._borrow.get)
+        self._own = borrow if borrow.conn is not None else None  # the borrow in the private context
         wrapped, args, kwargs, argname = self._call
         self._inner = ctx.run(wrapped, *args, **{**kwargs, argname: conn})
         held_by_generators[ref] = (ctx, borrow, self._inner)  # closed first if it is dropped

@@ -93,3 +93,38 @@ def test_decorated_function_returns_its_connection_despite_two_interrupts_on_the
         assert pool.stats()["in_use"] == 0, pool.stats()
     finally:
         pool.close()
+
+
+def test_a_block_whose_exit_was_skipped_is_never_joined_and_its_slot_comes_back(dsn: str) -> None:
+    """The one point no code can protect: an interrupt on the entry of the __exit__ that the
+    application's own with statement calls. The lost borrow must not stay joinable in this thread's
+    context (every later block would share its connection), and the collector frees its slot."""
+    import gc
+
+    pool = pgpool.ThreadSafeConnectionPool(0, 1, dsn=dsn, timeout=1)
+    real_exit = pgpool.borrow.ConnectionBorrow.__exit__
+    calls = []
+
+    def exit_skipped(self, *exc):
+        if not calls:
+            calls.append(1)
+            raise KeyboardInterrupt("on the entry of __exit__")
+        return real_exit(self, *exc)
+
+    try:
+        pgpool.borrow.ConnectionBorrow.__exit__ = exit_skipped
+        try:
+            with pool.connection() as lost:
+                lost_pid = lost.info.backend_pid
+        except KeyboardInterrupt:
+            pass
+        finally:
+            pgpool.borrow.ConnectionBorrow.__exit__ = real_exit
+        del lost
+        gc.collect()
+        with pool.connection(timeout=1) as conn, conn.cursor() as cur:  # a slot, not a join
+            cur.execute("SELECT pg_backend_pid()")
+            assert cur.fetchone()[0] != lost_pid
+        assert pool.stats()["leaked"] == 1
+    finally:
+        pool.close()
