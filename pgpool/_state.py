@@ -224,15 +224,20 @@ class PoolState(Slots):
                 ):
                     reason = "idle_timeout reached"
                 else:
+                    key = id(conn)  # C calls before the change (see the module docstring)
                     try:
                         idle.remove(item)
                     except ValueError:
                         continue  # a fast lender took it
+                    except BaseException:
+                        idle.append(item)  # removed, then interrupted: idle again, nobody took it
+                        raise
+                    # Attribute and subscript stores only: the lend happens whole.
                     info.state = LENT
                     info.lease += 1
                     info.lends += 1
                     info.borrowed_at = now
-                    self.lent[id(conn)] = info
+                    self.lent[key] = info
                     claim.info = info
                     claim.conn = conn  # the claim owns it from here
                     return None

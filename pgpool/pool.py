@@ -328,12 +328,20 @@ class ConnectionPool(Generic[C]):
         held = self._keys.get(key)
         if held is not None:
             return held
-        conn: C = self._lend(wait)[0]  # type: ignore[assignment]  # opened by connection_factory
+        lent = self._lend(wait)
+        conn: C = lent[0]  # type: ignore[assignment]  # opened by connection_factory
         # Two threads may lend for the same key at once: the first to store wins (setdefault is one
         # atomic step), the other gives its connection back and uses the winner's.
-        winner = self._keys.setdefault(key, conn)
+        try:
+            winner = self._keys.setdefault(key, conn)
+        except BaseException:
+            # Interrupted: the caller never gets it, so neither does the key.
+            if self._keys.get(key) is conn:
+                del self._keys[key]
+            self._finish_borrow(conn, lent[1])
+            raise
         if winner is not conn:
-            self._return(conn, None)
+            self._finish_borrow(conn, lent[1])
         return winner
 
     # -- returning -----------------------------------------------------------------------------

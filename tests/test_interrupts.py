@@ -248,6 +248,29 @@ def op_transaction_generator_pool_closed(run: Run) -> None:
     run.pool.close()
 
 
+def op_putconn_close(run: Run) -> None:
+    conn = run.held[0]
+    run.given_back.append(conn)
+    run.pool.putconn(conn, close=True)
+
+
+def op_getconn_keyed(run: Run) -> None:
+    conn = run.pool.getconn("sweep-key")
+    run.held.append(conn)
+    assert run.pool.getconn("sweep-key") is conn
+    run.given_back.append(conn)
+    run.pool.putconn(conn, "sweep-key")
+
+
+def op_drain(run: Run) -> None:
+    run.pool.drain()
+
+
+def op_stats(run: Run) -> None:
+    run.pool.stats()
+    repr(run.pool)
+
+
 def op_clear(run: Run) -> None:
     run.pool.clear()
 
@@ -274,6 +297,10 @@ OPERATIONS = {
     "generator-sent-to": (one_idle, op_generator_sent_to),
     "transaction-generator-thrown-into": (nothing, op_transaction_generator_thrown_into),
     "transaction-generator-pool-closed": (one_idle, op_transaction_generator_pool_closed),
+    "putconn-close": (one_lent, op_putconn_close),
+    "getconn-keyed": (one_idle, op_getconn_keyed),
+    "drain-with-lent": (two_idle_one_lent, op_drain),
+    "stats": (two_idle_one_lent, op_stats),
     "clear": (two_idle_one_lent, op_clear),
     "close-with-lent": (two_idle_one_lent, op_close),
 }
