@@ -45,12 +45,11 @@ def _dup_socket(conn: Connection) -> int | None:
         return None
 
 
-def _await_backend_exit(fd: int) -> None:
+def _await_backend_exit(fd: int, deadline: float) -> None:
     """Wait (bounded) until the server closes its end: the backend has exited, its session is gone
     from pg_stat_activity and from max_connections. psycopg2's close() only sends Terminate."""
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-    deadline = time.monotonic() + _BACKEND_EXIT_WAIT
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not poller.poll(remaining * 1000):
@@ -228,6 +227,7 @@ class PoolCore:
         """
         state = self._state
         exiting = self._exiting
+        deadline = time.monotonic() + _BACKEND_EXIT_WAIT  # for the whole batch, not per connection
         while to_close:
             conn, reason = to_close[-1]
             key = id(conn)  # unique: `closing` holds the connection until its slot is freed below
@@ -244,7 +244,7 @@ class PoolCore:
             except Exception:
                 pass
             if fd is not None:
-                _await_backend_exit(fd)  # the server counts the session until its backend is gone
+                _await_backend_exit(fd, deadline)  # the server counts the session until its backend is gone
                 del exiting[key]  # forgotten first: a retry never reads a descriptor closed (and reused)
                 os.close(fd)
             # Logged before the slot is freed: a slow handler delays the next connect, never lets the

@@ -100,5 +100,5 @@ class Maintenance:
         if self._core.max_lifetime is not None:
             intervals.append(max(0.05, self._core.max_lifetime * _LIFETIME_JITTER / 2))
         if self._state.times is not None:
-            intervals.append(1.0)  # borrow timings for the metrics: at most a second's worth buffered
+            intervals.append(1.0)  # borrow timings for the metrics: handed to the SDK every second
         return min(intervals)

@@ -103,9 +103,13 @@ class BorrowTimes:
 
     __slots__ = ("uses", "waits")
 
+    # A bound, so that a pool borrowing faster than the SDK records (or one whose metrics nobody
+    # collects) never grows without limit: past it, the oldest samples are dropped.
+    LIMIT = 100_000
+
     def __init__(self) -> None:
-        self.waits: deque[float] = deque()  # how long each getconn took
-        self.uses: deque[float] = deque()  # how long each connection was lent
+        self.waits: deque[float] = deque(maxlen=self.LIMIT)  # how long each getconn took
+        self.uses: deque[float] = deque(maxlen=self.LIMIT)  # how long each connection was lent
 
 
 class Waiter:

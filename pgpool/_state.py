@@ -155,6 +155,10 @@ class PoolState(Slots):
         if (PQclientEncoding(conn.pgconn_ptr) if PQclientEncoding else client_encoding(conn)) != info.encoding_id:
             self.lent[key] = info
             return None
+        if info.generation != self.generation:
+            # A failover or drain() began during the rollback: the slow path drops it.
+            self.lent[key] = info
+            return None
         used = now - info.borrowed_at
         times = self.times
         if times is not None:
@@ -162,9 +166,13 @@ class PoolState(Slots):
         if self.waiters:
             # Threads in line: the oldest gets it from here, without a stop in the idle list (one
             # lock, one wake-up: what a borrow costs under contention). Waiters join the line under
-            # this lock, so none is missed; a closed pool takes the path below, which drops it.
+            # this lock, so none is missed; a closed pool takes the path below, which drops it, and
+            # one evicted since the check above (evict bumps under this lock) the slow path.
             with self.lock:
                 if self.waiters and not self.closed:
+                    if info.generation != self.generation:
+                        self.lent[key] = info  # evicted meanwhile: the slow path drops it
+                        return None
                     # The use time is counted inside: an interrupt on _serve's entry changes
                     # nothing, and the caller's retry counts it once.
                     self._serve(conn, info, used=used)

@@ -135,6 +135,8 @@ class ConnectionBorrow(Borrow, Generic[C]):
 
     def __enter__(self) -> C:
         pool = self._pool
+        if self.conn is not None:
+            raise RuntimeError(f"this borrow of pool {pool.name!r} is already entered: use a new pool.connection()")
         if self._join and pool._borrow.get() is not None:
             outer = joinable(pool)
             if outer is not None and outer.conn is not None:
@@ -250,6 +252,11 @@ class TransactionBorrow(ConnectionBorrow[C]):
 
     def __enter__(self) -> C:
         pool = self._pool
+        if self._tx_conn is not None:
+            raise RuntimeError(
+                f"this transaction of pool {pool.name!r} is already entered: use a new pool.transaction()"
+            )
+        self._savepoint = None  # a savepoint only if this entry makes one (the object may be reused)
         self.generation = _fork.generation  # a child after fork never commits the parent's work
         if self._join and pool._borrow.get() is not None:
             outer = joinable(pool)

@@ -225,8 +225,9 @@ def _call_with_borrow(
         borrow.conn = None
     conn = borrow.__enter__()
     try:
-        kwargs[argname] = conn  # the call's own dict (Python makes one per call with keywords)
-        result = wrapped(*args, **kwargs)
+        # A dict of our own: the caller's may be kept and reused (operator.methodcaller, C callers
+        # using PyObject_Call), and a connection left in it would be passed again once returned.
+        result = wrapped(*args, **{**kwargs, argname: conn})
     except BaseException as exc:
         for _ in _cleanup.RETRIES:  # until one call gets past its entry: each may be interrupted there
             try:

@@ -25,7 +25,8 @@ Every point carries ``db.client.connection.pool.name`` = ``pool.name``:
 Importing `pgpool` never imports OpenTelemetry; only this module does. An instrumented pool tells
 its listener of each connect and timeout (``pool._events``), and appends each borrow's wait and use
 time to a buffer (one ``deque.append``, on the fast paths too) that the listener records in its
-histograms when the metrics are collected, or when the pool's housekeeper hands them over: the
+histograms when the metrics are collected, or when the pool's housekeeper hands them over (at most
+100,000 of each wait to be recorded: past that, the oldest are dropped): the
 levels (connection counts, pending requests, sizes) are observed at collection, never counted per
 borrow. An uninstrumented pool pays one attribute check per getconn and putconn.
 """
