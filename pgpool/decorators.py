@@ -130,10 +130,10 @@ def _decorator(pool: PoolSource, argname: str, transactional: bool) -> Callable[
         is_generator = inspect.isgeneratorfunction(target)
 
         def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            explicit = kwargs.get(argname)
+            explicit = kwargs.get(argname) if kwargs else None  # no call for the common case
             # On a bound method or classmethod, wrapt leaves self/cls out of args.
             index = None if position is None else position - (0 if instance is None else 1)
-            if index is not None and len(args) > index:
+            if args and index is not None and len(args) > index:
                 explicit = args[index]
                 args = args[:index] + args[index + 1 :]  # passed by position: pass it on by keyword
                 kwargs = {**kwargs, argname: explicit}
@@ -227,7 +227,7 @@ def _call_with_borrow(
     try:
         # A dict of our own: the caller's may be kept and reused (operator.methodcaller, C callers
         # using PyObject_Call), and a connection left in it would be passed again once returned.
-        result = wrapped(*args, **{**kwargs, argname: conn})
+        result = wrapped(*args, **({**kwargs, argname: conn} if kwargs else {argname: conn}))
     except BaseException as exc:
         for _ in _cleanup.RETRIES:  # until one call gets past its entry: each may be interrupted there
             try:
