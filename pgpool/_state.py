@@ -19,9 +19,12 @@ consistent), and the one who does hands the connection over under the lock (`_dr
 waiter sleeps while a connection is idle.
 
 Interrupt safety: an asynchronous exception (KeyboardInterrupt) can land at the entry of any Python
-function. A method here makes no Python call after its first mutation, except to a helper whose
-entry leaves the state consistent (`_grant`, `_serve`, `_drop`, `_queue`), and records what it hands over in
-the caller's `Claim` in the same breath as the mutation.
+function and right after any C call (a method call such as ``deque.remove``), but never after a
+subscript, attribute store or operator. So a step makes its C calls (reads, ``id()``, the clock)
+before its first change; when that first change is itself a C call (``idle.remove``), it undoes or
+finishes it if an exception follows; and everything after is subscripts, attribute stores and
+operators, except a call to a helper whose entry leaves the state consistent (`_grant`, `_serve`,
+`_drop`, `_queue`). What a step hands over is recorded in the caller's `Claim` in the same breath.
 """
 
 from __future__ import annotations
