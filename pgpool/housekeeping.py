@@ -13,10 +13,12 @@ for good, hanging every later ``set`` and ``wait``).
 
 from __future__ import annotations
 
+import _thread
 import logging
 import queue
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
 
@@ -31,6 +33,7 @@ class Housekept(Protocol):
 logger = logging.getLogger("pgpool")
 
 _JOIN_TIMEOUT = 5.0
+_START_WAIT = 1.0  # how long start() waits for the new thread to run (it takes microseconds)
 
 
 class Housekeeper:
@@ -41,34 +44,57 @@ class Housekeeper:
         self._name = pool.name
         self.wakeups: queue.SimpleQueue[Any] = queue.SimpleQueue()  # anything put here: a round now
         self._stopped: list[bool] = []  # non-empty once stopped (a list: one C call sets it)
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the running housekeeper, set by itself
         self._start_lock = threading.Lock()
+        self._claim = threading.Lock()  # taken, never released, by the thread that runs the rounds
+        self._ready: queue.SimpleQueue[None] = queue.SimpleQueue()  # told once that one has claimed
         self.started = False  # read without a lock on the getconn path: start() is idempotent
 
     def start(self) -> None:
-        """Start the thread, unless it runs or the pool is closing; `started` is set only once it runs.
+        """Start the thread, unless it runs or the pool is closing; `started` is set once it runs.
 
-        An interrupt during ``Thread.start`` leaves `started` false: the next call starts one anew
-        (a thread that did start meanwhile stops by itself with the pool).
+        The thread is started from a short-lived launcher thread, and this waits for it at most
+        `_START_WAIT` seconds: ``Thread.start()`` waits for the new thread with no timeout, and an
+        asynchronous exception aimed at the starting thread can land in the new one before it reports
+        that it runs (CPython gives a thread its parent's ident until it runs), which would leave the
+        borrower waiting in ``Thread.start()`` for good. A launcher nobody aims at bears that instead,
+        and a start that did not come is launched again by the next call (the claim in `_claimed`
+        keeps it to one housekeeper). Other callers never wait for a start in progress.
         """
-        # Never wait for a start in progress: Thread.start() waits for the new thread, forever if an
-        # asynchronous exception killed it first, and every borrower would then wait here too.
         if not self._start_lock.acquire(blocking=False):
             return
         try:
             if self.started or self._stopped:
                 return
-            thread = threading.Thread(
-                target=_run,
-                args=(self._pool, self._stopped, self.wakeups),
-                name=f"{self._name}-housekeeper",
-                daemon=True,
-            )
-            self._thread = thread
-            thread.start()
-            self.started = True
+            if self._thread is None:
+                _thread.start_new_thread(self._launch, ())
+                try:
+                    self._ready.get(timeout=_START_WAIT)
+                except queue.Empty:
+                    pass  # not running yet: the next call looks again, and launches again
+            self.started = self._thread is not None
         finally:
             self._start_lock.release()
+
+    def _launch(self) -> None:
+        """Runs in the launcher thread: start the housekeeper, and wait there for it to run."""
+        try:
+            threading.Thread(
+                target=_run,
+                args=(self._pool, self._stopped, self.wakeups, self._claimed),
+                name=f"{self._name}-housekeeper",
+                daemon=True,
+            ).start()
+        except BaseException:  # nothing to report to: a later start() launches again
+            pass
+
+    def _claimed(self) -> bool:
+        """Called first in a new housekeeper thread: true for the one that is to run the rounds."""
+        if not self._claim.acquire(blocking=False):
+            return False  # a launch that came late, after another one: this thread ends at once
+        self._thread = threading.current_thread()
+        self._ready.put(None)
+        return True
 
     def kick(self) -> None:
         """Ask for a round of housekeeping now (e.g. to refill minconn after clear())."""
@@ -81,11 +107,18 @@ class Housekeeper:
         if thread is not None and thread is not threading.current_thread():
             try:
                 thread.join(_JOIN_TIMEOUT)
-            except RuntimeError:
-                pass  # never started (its start was interrupted): nothing to wait for
+            except RuntimeError:  # pragma: no cover - _thread is set by the thread itself, once it runs
+                pass
 
 
-def _run(pool_ref: weakref.ref[Housekept], stopped: list[bool], wakeups: queue.SimpleQueue[Any]) -> None:
+def _run(
+    pool_ref: weakref.ref[Housekept],
+    stopped: list[bool],
+    wakeups: queue.SimpleQueue[Any],
+    claimed: Callable[[], bool],
+) -> None:
+    if not claimed():
+        return
     delay = 0.0
     while True:
         try:

@@ -1,7 +1,8 @@
 """An asynchronous exception aimed at a borrower that is starting the housekeeper can land in the new
 thread before it signals that it started (CPython gives a starting thread's state its parent's ident
-until it runs), so Thread.start() waits forever, holding Housekeeper._start_lock: every later getconn
-then blocks on that lock, for good. Other borrowers must not wait for a start in progress."""
+until it runs), so a Thread.start() called by the borrower waits forever, holding
+Housekeeper._start_lock: that borrower hangs, and every later getconn blocks on that lock, for good.
+No borrower may wait for a start in progress, nor for a start that never comes."""
 
 from __future__ import annotations
 
@@ -57,9 +58,40 @@ def test_borrowers_never_block_behind_a_housekeeper_start_that_an_async_exceptio
             time.sleep(random.random() * 0.0005)
         for t in threads:
             t.join(5)
-        alive = sum(t.is_alive() for t in threads)
-        if alive > 1:  # one thread may hang in CPython's Thread.start; the others must not
+        if any(t.is_alive() for t in threads):
             stuck_pools += 1
-        if alive == 0:
-            pool.close()
-    assert stuck_pools == 0, f"{stuck_pools} pools with several borrowers blocked behind a housekeeper start"
+        pool.close()
+    assert stuck_pools == 0, f"{stuck_pools} pools with a borrower blocked in or behind a housekeeper start"
+
+
+def test_a_housekeeper_thread_killed_before_it_reports_started_hangs_no_borrower(dsn: str, monkeypatch) -> None:
+    """What the misdirected exception does, made certain: the first housekeeper thread dies before
+    it reports that it runs, so whoever called its Thread.start() waits for good. That must not be a
+    borrower: getconn returns, and a later getconn gets the pool its housekeeper."""
+    real_bootstrap = threading.Thread._bootstrap  # type: ignore[attr-defined]
+    killed: list[threading.Thread] = []
+
+    def dies_first(self: threading.Thread) -> None:
+        if "housekeeper" in self.name and not killed:
+            killed.append(self)
+            return  # ends without setting Thread._started, as an exception landing there would
+        real_bootstrap(self)
+
+    monkeypatch.setattr(threading.Thread, "_bootstrap", dies_first)
+    pool = pgpool.ThreadSafeConnectionPool(0, 2, dsn=dsn, timeout=2)
+    try:
+        got: list[object] = []
+        borrower = threading.Thread(target=lambda: got.append(pool.getconn()), daemon=True)
+        borrower.start()
+        borrower.join(10)
+        assert not borrower.is_alive(), "getconn hung in the housekeeper's Thread.start()"
+        assert killed and got
+        pool.putconn(got[0])  # type: ignore[arg-type]
+        pool.putconn(pool.getconn())  # launches the housekeeper again
+        assert pool._housekeeper.started
+        assert [t for t in threading.enumerate() if t.name == f"{pool.name}-housekeeper"]
+    finally:
+        pool.close()
+        for thread in killed:  # undo the simulated death: the launcher waiting for it ends
+            threading._limbo.pop(thread, None)  # type: ignore[attr-defined]
+            thread._started.set()  # type: ignore[attr-defined]

@@ -101,7 +101,7 @@ def test_clear_with_a_slow_log_handler_keeps_the_sessions_within_maxconn(dsn, se
         assert slow_close_log.seen and max(slow_close_log.seen) <= 2, slow_close_log.seen
 
 
-def test_an_interrupt_while_the_housekeeper_starts_leaves_close_working(dsn, sessions, monkeypatch):
+def test_a_housekeeper_start_that_fails_neither_fails_the_borrower_nor_stops_close(dsn, sessions, monkeypatch):
     real_start = threading.Thread.start
     calls = []
 
@@ -113,12 +113,42 @@ def test_an_interrupt_while_the_housekeeper_starts_leaves_close_working(dsn, ses
 
     monkeypatch.setattr(threading.Thread, "start", interrupted_start)
     pool = ThreadSafeConnectionPool(minconn=1, maxconn=2, dsn=dsn)
+    conn = pool.getconn()  # the start fails in the launcher thread, not in this one
+    assert calls and not pool._housekeeper.started
+    pool.putconn(conn)
+    pool.putconn(pool.getconn())  # the next slow getconn starts the housekeeper for real
+    assert pool._housekeeper.started
+    assert [t for t in threading.enumerate() if t.name == f"{pool.name}-housekeeper"]
+    pool.close()  # used to raise "cannot join thread before it is started" and leave sessions open
+    assert sessions(expect=0) == 0
+
+
+def test_an_interrupt_while_the_housekeeper_starts_leaves_the_pool_working(dsn, sessions, monkeypatch):
+    """Interrupted right after it launched the housekeeper, the borrower loses nothing, and the
+    housekeeper that did start is the pool's one housekeeper."""
+    import _thread
+
+    real = _thread.start_new_thread
+    calls = []
+
+    def launch_then_interrupt(*args, **kwargs):
+        ident = real(*args, **kwargs)
+        if not calls:
+            calls.append(ident)
+            raise KeyboardInterrupt
+        return ident
+
+    monkeypatch.setattr(_thread, "start_new_thread", launch_then_interrupt)
+    pool = ThreadSafeConnectionPool(minconn=1, maxconn=2, dsn=dsn)
     with pytest.raises(KeyboardInterrupt):
         pool.getconn()
     assert calls and pool.stats()["in_use"] == 0
-    conn = pool.getconn()  # the next getconn starts the housekeeper for real
-    pool.putconn(conn)
-    pool.close()  # used to raise "cannot join thread before it is started" and leave sessions open
+    assert wait_until(lambda: pool._housekeeper._thread is not None, timeout=5)
+    for _ in range(3):
+        pool.putconn(pool.getconn())
+    assert pool._housekeeper.started
+    assert len([t for t in threading.enumerate() if t.name == f"{pool.name}-housekeeper"]) == 1
+    pool.close()
     assert sessions(expect=0) == 0
 
 
