@@ -8,9 +8,11 @@ they skip only when the embedded server's wheel lacks the binaries.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,6 +59,7 @@ class Borrow:
     pid: int | None
     error: str | None = None  # repr of the exception (kept as text: no frames, no connections held)
     sqlstate: str | None = None
+    session: int | None = None  # which connection object: unlike a backend pid, never reused
 
 
 class Writers:
@@ -66,6 +69,8 @@ class Writers:
         self.pool = pool
         self.borrows: list[Borrow] = []
         self._lock = threading.Lock()
+        self._sessions: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
+        self._serials = itertools.count(1)
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._write, args=(i,), name=f"writer-{i}") for i in range(WRITERS)]
 
@@ -78,23 +83,32 @@ class Writers:
         self._stop.set()
         join_all(self._threads, timeout=20)
 
+    def session(self, conn: object) -> int:
+        """A number for this connection object, the same for its whole life and never given again
+        (backend pids are reused: on a machine with pid_max 32768 they wrap within a CI run)."""
+        with self._lock:
+            if conn not in self._sessions:
+                self._sessions[conn] = next(self._serials)
+            return self._sessions[conn]
+
     def _write(self, writer: int) -> None:
         n = 0
         while not self._stop.is_set():
             n += 1
             started = time.monotonic()
-            lent = port = pid = None
+            lent = port = pid = session = None
             error = sqlstate = None
             try:
                 with self.pool.transaction() as conn:
                     lent = time.monotonic()
-                    port, pid = conn.info.port, conn.info.backend_pid
+                    port, pid, session = conn.info.port, conn.info.backend_pid, self.session(conn)
                     with conn.cursor() as cur:
                         cur.execute(f"INSERT INTO {TABLE} VALUES (%s, %s)", (writer, n))
             except Exception as exc:
                 error, sqlstate = repr(exc)[:300], getattr(exc, "pgcode", None)
             with self._lock:
-                self.borrows.append(Borrow(writer, started, lent, time.monotonic(), port, pid, error, sqlstate))
+                ended = time.monotonic()
+                self.borrows.append(Borrow(writer, started, lent, ended, port, pid, error, sqlstate, session))
             if error is not None:
                 time.sleep(0.01)  # a writer that fails at once must not flood the record
 
@@ -226,28 +240,38 @@ def test_drain_under_load_replaces_every_connection_without_an_error(cluster, ca
     with ThreadSafeConnectionPool(
         minconn=8, maxconn=8, timeout=5, dsn=cluster.dsn("read-write"), name="failover-c"
     ) as pool:
-        with Writers(pool) as writers:
-            writers.wait_for_writes()
-            evictions_before = pool.stats()["evictions"]
-            idle_before = {c.info.backend_pid for c in list(pool.idle_connections)}
-            draining = time.monotonic()
-            pool.drain()
-            drained = time.monotonic()
-            writers.wait_for_writes(count=50)
-        evictions = pool.stats()["evictions"] - evictions_before
-        borrows = writers.snapshot()
-        old = idle_before | {b.pid for b in borrows if b.lent is not None and b.lent < draining}
-        # While the pool is still open: every old session was closed by drain() or on its return.
         with cluster.connect(cluster.primary) as admin, admin.cursor() as cur:
+            with Writers(pool) as writers:
+                writers.wait_for_writes()
+                evictions_before = pool.stats()["evictions"]
+                # The server's sessions before drain(), by (pid, backend_start): a pid alone is reused.
+                cur.execute(
+                    "SELECT pid, backend_start FROM pg_stat_activity"
+                    " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                )
+                sessions_before = cur.fetchall()
+                idle_before = {writers.session(c) for c in list(pool.idle_connections)}
+                draining = time.monotonic()
+                pool.drain()
+                drained = time.monotonic()
+                writers.wait_for_writes(count=50)
+            evictions = pool.stats()["evictions"] - evictions_before
+            borrows = writers.snapshot()
+            old = idle_before | {b.session for b in borrows if b.lent is not None and b.lent < draining}
 
+            # While the pool is still open: every old session was closed by drain() or on its return.
             def old_backends_left() -> int:
-                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (list(old),))
+                cur.execute(
+                    "SELECT count(*) FROM pg_stat_activity a JOIN unnest(%s::int[], %s::timestamptz[])"
+                    " AS b(pid, backend_start) ON a.pid = b.pid AND a.backend_start = b.backend_start",
+                    ([p for p, _ in sessions_before], [t for _, t in sessions_before]),
+                )
                 return int(cur.fetchone()[0])
 
             assert wait_until(lambda: old_backends_left() == 0, timeout=5), f"{old_backends_left()} old sessions"
     errors = [b.error for b in borrows if b.error is not None]
     assert not errors, f"{len(errors)} borrowers saw an error: {errors[:3]}"
-    again = [b for b in borrows if b.lent is not None and b.lent > drained and b.pid in old]
+    again = [b for b in borrows if b.lent is not None and b.lent > drained and b.session in old]
     assert not again, f"{len(again)} borrows after drain() got a connection opened before it"
     assert [b for b in borrows if b.lent is not None and b.lent > drained], "no borrow after drain()"
     assert evictions == 1, f"drain() is one eviction round, counted {evictions}"
