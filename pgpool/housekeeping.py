@@ -34,6 +34,7 @@ logger = logging.getLogger("pgpool")
 
 _JOIN_TIMEOUT = 5.0
 _START_WAIT = 1.0  # how long start() waits for the new thread to run (it takes microseconds)
+_LAUNCH_SLICE = 0.05  # a launch that shows no housekeeper this long after is tried again
 
 
 class Housekeeper:
@@ -44,35 +45,46 @@ class Housekeeper:
         self._name = pool.name
         self.wakeups: queue.SimpleQueue[Any] = queue.SimpleQueue()  # anything put here: a round now
         self._stopped: list[bool] = []  # non-empty once stopped (a list: one C call sets it)
-        self._thread: threading.Thread | None = None  # the running housekeeper, set by itself
+        # Every housekeeper thread that ran appends itself (one C call: claimed and visible at once);
+        # the first one runs the rounds, later ones (launches that came late) end at once.
+        self._claims: list[threading.Thread] = []
+        self._ready: queue.SimpleQueue[None] = queue.SimpleQueue()  # told when the first one claimed
         self._start_lock = threading.Lock()
-        self._claim = threading.Lock()  # taken, never released, by the thread that runs the rounds
-        self._ready: queue.SimpleQueue[None] = queue.SimpleQueue()  # told once that one has claimed
         self.started = False  # read without a lock on the getconn path: start() is idempotent
+
+    @property
+    def _thread(self) -> threading.Thread | None:
+        """The thread that runs the rounds, once it runs."""
+        claims = self._claims
+        return claims[0] if claims else None
 
     def start(self) -> None:
         """Start the thread, unless it runs or the pool is closing; `started` is set once it runs.
 
-        The thread is started from a short-lived launcher thread, and this waits for it at most
-        `_START_WAIT` seconds: ``Thread.start()`` waits for the new thread with no timeout, and an
-        asynchronous exception aimed at the starting thread can land in the new one before it reports
-        that it runs (CPython gives a thread its parent's ident until it runs), which would leave the
-        borrower waiting in ``Thread.start()`` for good. A launcher nobody aims at bears that instead,
-        and a start that did not come is launched again by the next call (the claim in `_claimed`
-        keeps it to one housekeeper). Other callers never wait for a start in progress.
+        The housekeeper is started from a short-lived launcher thread, and this waits for it at most
+        `_START_WAIT` seconds. ``Thread.start()`` waits for the new thread with no timeout, and an
+        asynchronous exception aimed at the caller can land in the new thread instead, before it
+        reports that it runs (CPython 3.11 gives a thread its parent's ident until it runs): a
+        borrower calling ``Thread.start()`` itself would then wait for good. Now the launcher is the
+        thread such an exception kills, and the caller launches again after `_LAUNCH_SLICE`; the
+        exception is lost to the caller (as it was before), but nothing hangs. Other callers never
+        wait for a start in progress; one that finds none running after `_START_WAIT` leaves
+        `started` false, and the next slow ``getconn`` looks again.
         """
         if not self._start_lock.acquire(blocking=False):
             return
         try:
             if self.started or self._stopped:
                 return
-            if self._thread is None:
+            for _ in range(round(_START_WAIT / _LAUNCH_SLICE)):
+                if self._claims:
+                    break
                 _thread.start_new_thread(self._launch, ())
                 try:
-                    self._ready.get(timeout=_START_WAIT)
+                    self._ready.get(timeout=_LAUNCH_SLICE)
                 except queue.Empty:
-                    pass  # not running yet: the next call looks again, and launches again
-            self.started = self._thread is not None
+                    pass  # not running yet (or its launcher was killed): launch again
+            self.started = bool(self._claims)
         finally:
             self._start_lock.release()
 
@@ -85,14 +97,19 @@ class Housekeeper:
                 name=f"{self._name}-housekeeper",
                 daemon=True,
             ).start()
-        except BaseException:  # nothing to report to: a later start() launches again
+        except BaseException:  # nothing to report to: start() launches again
             pass
 
     def _claimed(self) -> bool:
-        """Called first in a new housekeeper thread: true for the one that is to run the rounds."""
-        if not self._claim.acquire(blocking=False):
-            return False  # a launch that came late, after another one: this thread ends at once
-        self._thread = threading.current_thread()
+        """Called first in a new housekeeper thread: true for the one that is to run the rounds.
+        Idempotent: called again when an exception landed in it."""
+        me = threading.current_thread()
+        claims = self._claims
+        if me not in claims:
+            claims.append(me)
+        if claims[0] is not me:
+            claims.remove(me)  # a launch that came late, after another one: this thread ends at once
+            return False
         self._ready.put(None)
         return True
 
@@ -101,6 +118,8 @@ class Housekeeper:
         self.wakeups.put(None)
 
     def stop(self) -> None:
+        """Stop the thread and wait for it (at most `_JOIN_TIMEOUT`). One launched but not yet
+        running is not waited for: it ends at its first look, without a round."""
         self._stopped.append(True)
         self.wakeups.put(None)
         thread = self._thread
@@ -117,8 +136,13 @@ def _run(
     wakeups: queue.SimpleQueue[Any],
     claimed: Callable[[], bool],
 ) -> None:
-    if not claimed():
-        return
+    while True:
+        try:
+            if not claimed():
+                return
+            break
+        except BaseException:  # an exception raised into this thread as it claimed: claim again
+            pass
     delay = 0.0
     while True:
         try:

@@ -95,3 +95,56 @@ def test_a_housekeeper_thread_killed_before_it_reports_started_hangs_no_borrower
         for thread in killed:  # undo the simulated death: the launcher waiting for it ends
             threading._limbo.pop(thread, None)  # type: ignore[attr-defined]
             thread._started.set()  # type: ignore[attr-defined]
+
+
+@pytest.mark.timing
+def test_a_launcher_killed_before_it_runs_is_replaced_at_once(dsn: str, monkeypatch) -> None:
+    """The misdirected exception kills the launcher at its first instruction (before any ``try``):
+    the borrower launches again after a short slice instead of waiting out the whole start wait."""
+    import _thread
+
+    real = _thread.start_new_thread
+    swallowed: list[object] = []
+
+    def first_launch_dies(function, args, *rest):
+        if not swallowed:
+            swallowed.append(function)
+            return 0  # as if the launcher had died before its first line
+        return real(function, args, *rest)
+
+    monkeypatch.setattr(_thread, "start_new_thread", first_launch_dies)
+    with pgpool.ThreadSafeConnectionPool(0, 2, dsn=dsn) as pool:
+        started = time.monotonic()
+        pool.putconn(pool.getconn())
+        took = time.monotonic() - started
+        assert swallowed and pool._housekeeper.started
+        assert took < 0.9, f"getconn waited {took:.2f} s for a launcher that had died"
+        assert len([t for t in threading.enumerate() if t.name == f"{pool.name}-housekeeper"]) == 1
+
+
+def test_an_exception_landing_in_the_claim_still_leaves_one_housekeeper_running(dsn: str, monkeypatch) -> None:
+    """An exception raised into the new housekeeper while it claims must not leave a claim without
+    a thread to run the rounds (every later getconn would wait for a start that never comes)."""
+    from pgpool import housekeeping
+
+    real = housekeeping.Housekeeper._claimed
+    raised: list[int] = []
+
+    def claim_then_zap(self):
+        result = real(self)
+        if not raised:
+            raised.append(1)
+            raise Zap  # after the claim is made: as an asynchronous exception landing there would
+        return result
+
+    monkeypatch.setattr(housekeeping.Housekeeper, "_claimed", claim_then_zap)
+    with pgpool.ThreadSafeConnectionPool(2, 4, dsn=dsn) as pool:
+        pool.putconn(pool.getconn())
+        assert raised and pool._housekeeper.started
+        thread = pool._housekeeper._thread
+        assert thread is not None and thread.is_alive()
+        pool.clear()  # the housekeeper refills minconn in the background
+        deadline = time.monotonic() + 10
+        while len(pool.idle_connections) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(pool.idle_connections) == 2
