@@ -88,6 +88,12 @@ class Lending:
                 if claim.conn is None:
                     continue
                 assert claim.info is not None
+                if not fresh and from_waiter:
+                    unfit = state.unfit(claim.conn, claim.info, time.monotonic())
+                    if unfit is not None:
+                        state.drop_claimed(claim, unfit, unlent=True)
+                        self._core._close_dropped(claim.to_close, keep_slot_for=claim)
+                        continue  # the slot is the waiter's: it opens a new connection in it
                 problem = _session.lend_problem(claim.conn, claim.info, self._core.check, self._core._connector.redact)
                 if problem is None:
                     if attempt:

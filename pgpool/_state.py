@@ -351,16 +351,20 @@ class PoolState(Slots):
                 claim.slot = False
                 self._grant()
 
-    def drop_claimed(self, claim: Claim, reason: str, broken: bool = False) -> None:
-        """Move the claim's connections (taken, or just opened) to its `to_close`, keeping their slots."""
+    def drop_claimed(self, claim: Claim, reason: str, broken: bool = False, unlent: bool = False) -> None:
+        """Move the claim's connections (taken, or just opened) to its `to_close`, keeping their slots.
+
+        `broken`: its check failed before the borrower got it; `unlent`: it was found unfit before the
+        borrower got it. Neither counts as a checkout; only a broken one counts as discarded."""
         with self.lock:
             if claim.conn is not None and claim.info is not None:
                 conn, info = claim.conn, claim.info
                 if info.state is LENT:
                     self._drop(conn, info, reason, claim.to_close)
-                    if broken:  # its check failed before the borrower got it: not a checkout
-                        self.counters["broken_discarded"] += 1
+                    if broken or unlent:
                         self.retired_lends -= 1
+                    if broken:
+                        self.counters["broken_discarded"] += 1
                 claim.conn = claim.info = None
             if claim.new_conn is not None:
                 # Its slot moves from `opening` to `closing`, so that it is freed once it is closed.
@@ -446,6 +450,20 @@ class PoolState(Slots):
             self.idle.append((conn, info))
         if self.idle_timeout and self.idle:
             self._evict_idle(now, to_close)
+
+    def unfit(self, conn: Connection, info: ConnInfo, now: float) -> str | None:
+        """Why a connection handed over from the idle list must not be lent after all (None: it may).
+
+        `acquire` tells under the lock; a connection that reached a waiter from the idle list (see
+        `_drain`) may have got there after the checks: a fast return that checked the generation
+        just before a drain() bumped it, or a fast lender putting back one it found unfit."""
+        if info.generation != self.generation:
+            return "opened before a failover or drain()"
+        if now >= info.expires:
+            return "max_lifetime reached"
+        if conn.get_transaction_status() != _STATUS_IDLE:
+            return "not idle on the server"
+        return None
 
     def evict(self, seen: int | None, to_close: ToClose) -> bool:
         """Start a new generation: every idle connection goes to `to_close`, lent ones are dropped

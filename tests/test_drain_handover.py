@@ -1,0 +1,69 @@
+"""A connection that reaches a waiter from the idle list is checked again before the waiter gets it.
+
+`PoolState.acquire` checks idle connections under the lock, but one can reach the idle list after a
+drain() without such a check: a fast lender pops it, a drain() bumps the generation meanwhile (the
+popped connection is not in the idle list for it to close) and a borrower queues; the fast lender
+finds it needs a closer look, puts it back and takes the slow path, which queues behind the
+borrower and hands the idle connection to it. That borrower, queued after drain() returned, must
+not get a connection opened before it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from pgpool import ThreadSafeConnectionPool
+
+from .helpers import wait_until
+
+pytestmark = pytest.mark.needs_session
+
+
+class Probe:
+    """A stand-in for a connection's socket probe: the first poll runs `hook` and says the server
+    sent something (so the fast lender puts the connection back); later polls say nothing came."""
+
+    def __init__(self, hook) -> None:
+        self.hook = hook
+
+    def poll(self, timeout: int) -> list[tuple[int, int]]:
+        hook, self.hook = self.hook, None
+        if hook is None:
+            return []
+        hook()
+        return [(0, 1)]
+
+
+def test_a_borrower_queued_after_drain_never_gets_a_connection_the_drain_evicted(dsn):
+    with ThreadSafeConnectionPool(0, 1, dsn=dsn, timeout=10) as pool:
+        pool.putconn(pool.getconn())  # the housekeeper runs: getconn may take the fast path
+        (conn,) = pool.idle_connections
+        before = conn.info.backend_pid
+        got: list = []
+
+        def borrow() -> None:
+            other = pool.getconn()
+            got.append((other, other.info.backend_pid, pool._state.conns[id(other)].generation))
+            pool.putconn(other)
+
+        borrower = threading.Thread(target=borrow)
+
+        def drain_then_queue() -> None:
+            # While the fast lender holds the popped connection: drain(), then a borrower queues.
+            pool.drain()
+            borrower.start()
+            assert wait_until(lambda: pool.stats()["waiting"] == 1, timeout=5)
+
+        info = pool._state.conns[id(conn)]
+        info.probe = Probe(drain_then_queue)
+        info.probed_at = 0.0  # the probe is due
+        mine = pool.getconn()  # the fast lender's pop, the hook, then the slow path behind the borrower
+        borrower.join(10)
+        assert not borrower.is_alive() and got
+        (other, pid, generation) = got[0]
+        assert pid != before and other is not conn, "lent a connection that drain() evicted"
+        assert generation == pool._state.generation
+        assert pool.stats()["broken_discarded"] == 0
+        pool.putconn(mine)
