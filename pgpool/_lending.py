@@ -139,7 +139,7 @@ class Lending:
         """Give back all a failed or interrupted getconn holds. Idempotent: safe to call again."""
         state = self._state
         state.leave_line(claim)
-        state.drop_claimed(claim, "getconn interrupted or failed")
+        state.drop_claimed(claim, "getconn interrupted or failed", unlent=True)
         self._core._close_dropped(claim.to_close)
         state.release_slot(claim)
 

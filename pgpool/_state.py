@@ -354,8 +354,9 @@ class PoolState(Slots):
     def drop_claimed(self, claim: Claim, reason: str, broken: bool = False, unlent: bool = False) -> None:
         """Move the claim's connections (taken, or just opened) to its `to_close`, keeping their slots.
 
-        `broken`: its check failed before the borrower got it; `unlent`: it was found unfit before the
-        borrower got it. Neither counts as a checkout; only a broken one counts as discarded."""
+        `broken`: its check failed before the borrower got it; `unlent`: the borrower never got it
+        (found unfit, or its getconn failed or was interrupted). Neither counts as a checkout; only a
+        broken one counts as discarded."""
         with self.lock:
             if claim.conn is not None and claim.info is not None:
                 conn, info = claim.conn, claim.info
@@ -452,11 +453,15 @@ class PoolState(Slots):
             self._evict_idle(now, to_close)
 
     def unfit(self, conn: Connection, info: ConnInfo, now: float) -> str | None:
-        """Why a connection handed over from the idle list must not be lent after all (None: it may).
+        """Why a connection handed to a waiter must not be lent after all (None: it may).
 
-        `acquire` tells under the lock; a connection that reached a waiter from the idle list (see
-        `_drain`) may have got there after the checks: a fast return that checked the generation
-        just before a drain() bumped it, or a fast lender putting back one it found unfit."""
+        `acquire` checks idle connections under the lock, but a waiter is handed connections that
+        did not pass those checks since the last drain() or failover: from the idle list (a fast
+        lender may put one back there, for the slow path to look at, after a drain() that could not
+        see it), from a slow return or from a refill whose connect straddled a drain(). Deliberately
+        narrower than `acquire`: `idle_timeout` does not apply to a connection someone waits for."""
+        if conn.closed:
+            return "closed while idle"
         if info.generation != self.generation:
             return "opened before a failover or drain()"
         if now >= info.expires:

@@ -67,3 +67,26 @@ def test_a_borrower_queued_after_drain_never_gets_a_connection_the_drain_evicted
         assert generation == pool._state.generation
         assert pool.stats()["broken_discarded"] == 0
         pool.putconn(mine)
+
+
+def test_a_getconn_interrupted_before_the_caller_got_its_connection_counts_no_checkout(dsn):
+    """A connection taken for a getconn that then fails or is interrupted (here in the check hook)
+    never reached the caller: `checkouts` counts borrowers served, not connections taken."""
+    raised: list[int] = []
+
+    def check(conn) -> None:
+        if len(raised) == 1:
+            raised.append(2)
+            raise KeyboardInterrupt
+        raised.append(1)
+
+    with ThreadSafeConnectionPool(0, 1, dsn=dsn, check=check) as pool:
+        pool.putconn(pool.getconn())
+        before = pool.stats()
+        with pytest.raises(KeyboardInterrupt):
+            pool.getconn()
+        after = pool.stats()
+        assert after["checkouts"] == before["checkouts"], (before, after)
+        assert after["in_use"] == 0 and after["opening"] == 0
+        pool.putconn(pool.getconn())
+        assert pool.stats()["checkouts"] == before["checkouts"] + 1
