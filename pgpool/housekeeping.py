@@ -65,11 +65,11 @@ class Housekeeper:
         `_START_WAIT` seconds. ``Thread.start()`` waits for the new thread with no timeout, and an
         asynchronous exception aimed at the caller can land in the new thread instead, before it
         reports that it runs (CPython 3.11 gives a thread its parent's ident until it runs): a
-        borrower calling ``Thread.start()`` itself would then wait for good. Now the launcher is the
+        borrower calling ``Thread.start()`` itself would then wait for good. The launcher is the
         thread such an exception kills, and the caller launches again after `_LAUNCH_SLICE`; the
-        exception is lost to the caller (as it was before), but nothing hangs. Other callers never
-        wait for a start in progress; one that finds none running after `_START_WAIT` leaves
-        `started` false, and the next slow ``getconn`` looks again.
+        exception never reaches the caller, but nothing hangs. Other callers never wait for a start
+        in progress; one that finds none running after `_START_WAIT` leaves `started` false, and
+        the next slow ``getconn`` looks again.
         """
         if not self._start_lock.acquire(blocking=False):
             return
@@ -124,10 +124,7 @@ class Housekeeper:
         self.wakeups.put(None)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            try:
-                thread.join(_JOIN_TIMEOUT)
-            except RuntimeError:  # pragma: no cover - _thread is set by the thread itself, once it runs
-                pass
+            thread.join(_JOIN_TIMEOUT)  # a claimed thread has started: join cannot refuse it
 
 
 def _run(

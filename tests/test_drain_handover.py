@@ -1,11 +1,11 @@
-"""A connection that reaches a waiter from the idle list is checked again before the waiter gets it.
+"""A connection handed to a waiter is checked again before the waiter gets it.
 
-`PoolState.acquire` checks idle connections under the lock, but one can reach the idle list after a
-drain() without such a check: a fast lender pops it, a drain() bumps the generation meanwhile (the
-popped connection is not in the idle list for it to close) and a borrower queues; the fast lender
-finds it needs a closer look, puts it back and takes the slow path, which queues behind the
-borrower and hands the idle connection to it. That borrower, queued after drain() returned, must
-not get a connection opened before it.
+`PoolState.acquire` checks idle connections under the lock, but one can reach the idle list
+without such a check: a fast lender pops it, a drain() bumps the generation meanwhile (the popped
+connection is not in the idle list for it to close) or its max_lifetime ends, and a borrower
+queues; the fast lender finds it needs a closer look, puts it back and takes the slow path, which
+queues behind the borrower and hands the idle connection to it. That borrower must not get a
+connection opened before drain(), nor one past its lifetime.
 """
 
 from __future__ import annotations
@@ -36,7 +36,16 @@ class Probe:
         return [(0, 1)]
 
 
-def test_a_borrower_queued_after_drain_never_gets_a_connection_the_drain_evicted(dsn):
+def _drain(pool, info) -> None:
+    pool.drain()
+
+
+def _expire(pool, info) -> None:
+    info.expires = 0.0  # max_lifetime reached while the fast lender held it
+
+
+@pytest.mark.parametrize("spoil", [_drain, _expire], ids=["drain", "max_lifetime"])
+def test_a_borrower_queued_behind_a_spoiled_connection_never_gets_it(dsn, spoil):
     with ThreadSafeConnectionPool(0, 1, dsn=dsn, timeout=10) as pool:
         pool.putconn(pool.getconn())  # the housekeeper runs: getconn may take the fast path
         (conn,) = pool.idle_connections
@@ -50,20 +59,22 @@ def test_a_borrower_queued_after_drain_never_gets_a_connection_the_drain_evicted
 
         borrower = threading.Thread(target=borrow)
 
-        def drain_then_queue() -> None:
-            # While the fast lender holds the popped connection: drain(), then a borrower queues.
-            pool.drain()
+        info = pool._state.conns[id(conn)]
+
+        def spoil_then_queue() -> None:
+            # While the fast lender holds the popped connection: drain() (or its lifetime ends),
+            # then a borrower queues.
+            spoil(pool, info)
             borrower.start()
             assert wait_until(lambda: pool.stats()["waiting"] == 1, timeout=5)
 
-        info = pool._state.conns[id(conn)]
-        info.probe = Probe(drain_then_queue)
+        info.probe = Probe(spoil_then_queue)
         info.probed_at = 0.0  # the probe is due
         mine = pool.getconn()  # the fast lender's pop, the hook, then the slow path behind the borrower
         borrower.join(10)
         assert not borrower.is_alive() and got
         (other, pid, generation) = got[0]
-        assert pid != before and other is not conn, "lent a connection that drain() evicted"
+        assert pid != before and other is not conn, "lent a connection that was due to close"
         assert generation == pool._state.generation
         assert pool.stats()["broken_discarded"] == 0
         pool.putconn(mine)
